@@ -1,0 +1,252 @@
+"""The pipeline ownership registry (`pipelines.yaml`): which team owns a pipeline, and what to expect of it.
+
+Pipelines are matched by exact name first, then by glob pattern in file order (first match wins).
+Errors name the file and line of the offending entry.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from pipemon.durations import parse_duration
+
+UNOWNED_TEAM = "unowned"
+TEAM_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# Printable text without control characters; label values stay readable and bounded.
+PIPELINE_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+PIPELINE_NAME_MAX = 200
+
+TeamName = Annotated[str, msgspec.Meta(pattern=TEAM_NAME_PATTERN)]
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Duration = str | int | float
+Url = Annotated[str, msgspec.Meta(pattern=r"^https?://\S+$")]
+
+
+class ThresholdOverrides(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Per-pipeline alert thresholds; each field overrides the default of the same name in `rules/config.yaml`."""
+
+    success_ratio_medium: Ratio | None = None
+    success_ratio_high: Ratio | None = None
+    duration_zscore_medium: PositiveFloat | None = None
+    duration_zscore_high: PositiveFloat | None = None
+    throughput_ratio_high: Ratio | None = None
+    consecutive_failures_critical: Count | None = None
+    min_runs: Count | None = None
+    min_baseline_samples: Count | None = None
+    stale_grace_factor: Annotated[float, msgspec.Meta(ge=1)] | None = None
+
+    def items(self) -> dict[str, float]:
+        return {name: float(value) for name, value in msgspec.structs.asdict(self).items() if value is not None}
+
+
+THRESHOLD_NAMES: tuple[str, ...] = ThresholdOverrides.__struct_fields__
+
+
+class Team(msgspec.Struct, forbid_unknown_fields=True):
+    """A team and where its alerts go. Secrets are never in this file: only paths to files that hold them."""
+
+    description: str = ""
+    slack_channel: str | None = None
+    slack_webhook_url_file: str | None = None
+    pagerduty_routing_key_file: str | None = None
+    webhook_url: Url | None = None
+
+
+class Defaults(msgspec.Struct, forbid_unknown_fields=True):
+    tier: str = "standard"
+    expected_interval: Duration = "1d"
+    max_runtime: Duration = "2h"
+    runbook_url: Url | None = None
+
+    def __post_init__(self) -> None:
+        parse_duration(self.expected_interval)
+        parse_duration(self.max_runtime)
+
+
+class PipelineEntry(msgspec.Struct, forbid_unknown_fields=True):
+    match: Annotated[str, msgspec.Meta(min_length=1, max_length=PIPELINE_NAME_MAX, pattern=PIPELINE_NAME_PATTERN)]
+    team: TeamName
+    tier: str | None = None
+    expected_interval: Duration | None = None
+    max_runtime: Duration | None = None
+    runbook_url: Url | None = None
+    thresholds: ThresholdOverrides | None = None
+
+    def __post_init__(self) -> None:
+        for value in (self.expected_interval, self.max_runtime):
+            if value is not None and parse_duration(value) <= 0:
+                raise ValueError("expected_interval and max_runtime must be longer than zero")
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(ch in self.match for ch in "*?[")
+
+
+class RegistryFile(msgspec.Struct, forbid_unknown_fields=True):
+    teams: dict[TeamName, Team]
+    pipelines: list[PipelineEntry] = []
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+    unknown_pipelines: Literal["accept", "reject"] = "accept"
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    """What the registry says about one concrete pipeline."""
+
+    name: str
+    team: str
+    tier: str
+    expected_interval_seconds: float
+    max_runtime_seconds: float
+    runbook_url: str | None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    registered: bool = True
+
+
+class RegistryError(ValueError):
+    """An invalid registry file; the message names the file and line."""
+
+
+class Registry:
+    """A loaded registry: resolves pipeline names to their spec."""
+
+    def __init__(self, source: RegistryFile, path: str = "<registry>") -> None:
+        self.path = path
+        self.source = source
+        self.teams: dict[str, Team] = dict(source.teams)
+        self._exact: dict[str, PipelineEntry] = {}
+        self._patterns: list[tuple[re.Pattern[str], PipelineEntry]] = []
+        for entry in source.pipelines:
+            if entry.is_pattern:
+                self._patterns.append((re.compile(fnmatch.translate(entry.match)), entry))
+            else:
+                self._exact[entry.match] = entry
+        self._cache: dict[str, PipelineSpec | None] = {}
+
+    @property
+    def accepts_unknown(self) -> bool:
+        return self.source.unknown_pipelines == "accept"
+
+    def registered_specs(self) -> list[PipelineSpec]:
+        """Specs of the pipelines named exactly: their series exist before their first run."""
+        return [self._spec(name, entry) for name, entry in self._exact.items()]
+
+    def lookup(self, name: str) -> PipelineSpec | None:
+        """The spec of a pipeline, `unowned` for an unknown one, or None when unknown ones are rejected."""
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        entry = self._exact.get(name) or next((e for rx, e in self._patterns if rx.match(name)), None)
+        if entry is not None:
+            spec: PipelineSpec | None = self._spec(name, entry)
+        elif self.accepts_unknown:
+            spec = self._default_spec(name)
+        else:
+            spec = None
+        if len(self._cache) < 100_000:
+            self._cache[name] = spec
+        return spec
+
+    def _spec(self, name: str, entry: PipelineEntry) -> PipelineSpec:
+        d = self.source.defaults
+        return PipelineSpec(
+            name=name,
+            team=entry.team,
+            tier=entry.tier or d.tier,
+            expected_interval_seconds=parse_duration(entry.expected_interval or d.expected_interval),
+            max_runtime_seconds=parse_duration(entry.max_runtime or d.max_runtime),
+            runbook_url=entry.runbook_url or d.runbook_url,
+            thresholds=entry.thresholds.items() if entry.thresholds else {},
+        )
+
+    def _default_spec(self, name: str) -> PipelineSpec:
+        d = self.source.defaults
+        return PipelineSpec(
+            name=name,
+            team=UNOWNED_TEAM,
+            tier=d.tier,
+            expected_interval_seconds=parse_duration(d.expected_interval),
+            max_runtime_seconds=parse_duration(d.max_runtime),
+            runbook_url=d.runbook_url,
+            registered=False,
+        )
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Load and validate a registry file; raises RegistryError with `file:line: message`."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read registry: {exc.strerror}") from exc
+    return parse_registry(text, path)
+
+
+def parse_registry(text: str, path: str = "<registry>") -> Registry:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RegistryError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}:1: the registry must be a mapping with at least a `teams:` key")
+    try:
+        source = msgspec.convert(data, RegistryFile)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).rpartition(" - at `")
+        if not message:
+            message, where = str(exc), ""
+        where = where.rstrip("`")
+        raise RegistryError(f"{path}:{_line_of(root, where)}: {message} (at {where or '$'})") from exc
+    _check_references(source, root, path)
+    return Registry(source, path)
+
+
+def _check_references(source: RegistryFile, root: yaml.Node, path: str) -> None:
+    seen: set[str] = set()
+    for i, entry in enumerate(source.pipelines):
+        where = f"$.pipelines[{i}]"
+        if entry.team == UNOWNED_TEAM:
+            raise RegistryError(f"{path}:{_line_of(root, where)}: team `{UNOWNED_TEAM}` is reserved for unknown pipelines")
+        if entry.team not in source.teams:
+            raise RegistryError(
+                f"{path}:{_line_of(root, where + '.team')}: pipeline `{entry.match}` names team `{entry.team}`,"
+                f" which is not under `teams:` (known: {', '.join(sorted(source.teams)) or 'none'})"
+            )
+        if entry.match in seen:
+            raise RegistryError(f"{path}:{_line_of(root, where)}: pipeline `{entry.match}` is listed twice")
+        seen.add(entry.match)
+    if UNOWNED_TEAM in source.teams:
+        raise RegistryError(f"{path}:{_line_of(root, '$.teams')}: team `{UNOWNED_TEAM}` is reserved for unknown pipelines")
+
+
+def _line_of(root: yaml.Node | None, where: str) -> int:
+    """The 1-based line of the YAML node at a msgspec error path such as `$.pipelines[3].team`."""
+    node: Any = root
+    line = 1
+    for key in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where.removeprefix("$")):
+        name, index = key
+        child = None
+        if isinstance(node, yaml.MappingNode) and name:
+            child = next((v for k, v in node.value if getattr(k, "value", None) == name), None)
+        elif isinstance(node, yaml.SequenceNode) and index and int(index) < len(node.value):
+            child = node.value[int(index)]
+        if child is None:
+            break
+        node = child
+        line = node.start_mark.line + 1
+    if node is root and root is not None:
+        line = root.start_mark.line + 1
+    return line
