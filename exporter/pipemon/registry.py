@@ -150,7 +150,7 @@ class Registry:
         if entry is not None:
             spec: PipelineSpec | None = self._spec(name, entry)
         elif self.accepts_unknown:
-            spec = self._default_spec(name)
+            spec = self.default_spec(name)
         else:
             spec = None
         if len(self._cache) < 100_000:
@@ -169,11 +169,12 @@ class Registry:
             thresholds=entry.thresholds.items() if entry.thresholds else {},
         )
 
-    def _default_spec(self, name: str) -> PipelineSpec:
+    def default_spec(self, name: str, team: str = UNOWNED_TEAM) -> PipelineSpec:
+        """The spec of a pipeline the registry does not list."""
         d = self.source.defaults
         return PipelineSpec(
             name=name,
-            team=UNOWNED_TEAM,
+            team=team,
             tier=d.tier,
             expected_interval_seconds=parse_duration(d.expected_interval),
             max_runtime_seconds=parse_duration(d.max_runtime),
@@ -219,7 +220,8 @@ def _check_references(source: RegistryFile, root: yaml.Node, path: str) -> None:
     for i, entry in enumerate(source.pipelines):
         where = f"$.pipelines[{i}]"
         if entry.team == UNOWNED_TEAM:
-            raise RegistryError(f"{path}:{_line_of(root, where)}: team `{UNOWNED_TEAM}` is reserved for unknown pipelines")
+            raise RegistryError(f"{path}:{_line_of(root, where)}: team `{UNOWNED_TEAM}` is reserved for unknown"
+                                " pipelines")
         if entry.team not in source.teams:
             raise RegistryError(
                 f"{path}:{_line_of(root, where + '.team')}: pipeline `{entry.match}` names team `{entry.team}`,"
@@ -229,7 +231,8 @@ def _check_references(source: RegistryFile, root: yaml.Node, path: str) -> None:
             raise RegistryError(f"{path}:{_line_of(root, where)}: pipeline `{entry.match}` is listed twice")
         seen.add(entry.match)
     if UNOWNED_TEAM in source.teams:
-        raise RegistryError(f"{path}:{_line_of(root, '$.teams')}: team `{UNOWNED_TEAM}` is reserved for unknown pipelines")
+        raise RegistryError(f"{path}:{_line_of(root, '$.teams')}: team `{UNOWNED_TEAM}` is reserved for unknown"
+                            " pipelines")
 
 
 def _line_of(root: yaml.Node | None, where: str) -> int:

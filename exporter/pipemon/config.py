@@ -1,0 +1,90 @@
+"""Settings of `pipemon serve`: command-line flags, each backed by a `PIPEMON_*` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464
+    registry: Path | None = None
+    state_dir: Path = Path("pipemon-state")
+    tokens: Path | None = None
+    log_level: str = "info"
+    max_pipelines: int = 20_000
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_clock_skew: float = 300.0
+    storage_sync: str = "normal"
+    enable_lifecycle: bool = False
+    access_log: bool = False
+    baseline_size: int = 30
+    dedup_window: int = 1000
+    abandon_after_factor: float = 3.0
+
+
+# flag, env var, config field, type, help
+_OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
+    ("--listen", "PIPEMON_LISTEN", "listen", str, "host:port to listen on"),
+    ("--registry", "PIPEMON_REGISTRY", "registry", Path, "ownership registry (pipelines.yaml)"),
+    ("--state-dir", "PIPEMON_STATE_DIR", "state_dir", Path, "directory of the SQLite state"),
+    ("--tokens", "PIPEMON_TOKENS", "tokens", Path, "tokens file; without one, writes are open to anyone"),
+    ("--log-level", "PIPEMON_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
+    ("--max-pipelines", "PIPEMON_MAX_PIPELINES", "max_pipelines", int, "cap on tracked pipelines"),
+    ("--max-body-bytes", "PIPEMON_MAX_BODY_BYTES", "max_body_bytes", int, "largest request body accepted"),
+    ("--max-clock-skew", "PIPEMON_MAX_CLOCK_SKEW", "max_clock_skew", float,
+     "seconds an event's timestamp may lie in the future"),
+    ("--storage-sync", "PIPEMON_STORAGE_SYNC", "storage_sync", str,
+     "normal: acknowledged events survive a crash of pipemon; full: also a power loss (slower)"),
+    ("--baseline-size", "PIPEMON_BASELINE_SIZE", "baseline_size", int, "successful runs kept for baselines"),
+    ("--dedup-window", "PIPEMON_DEDUP_WINDOW", "dedup_window", int,
+     "run ids remembered per pipeline to recognise retries"),
+    ("--abandon-after-factor", "PIPEMON_ABANDON_AFTER_FACTOR", "abandon_after_factor", float,
+     "a run in progress for this many max runtimes is abandoned and counted as failed"),
+)
+_SWITCHES = (
+    ("--enable-lifecycle", "PIPEMON_ENABLE_LIFECYCLE", "enable_lifecycle", "allow POST /-/reload"),
+    ("--access-log", "PIPEMON_ACCESS_LOG", "access_log", "log every request"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServeConfig()
+    for flag, env, field, _type, help_text in _OPTIONS:
+        default = f"{defaults.host}:{defaults.port}" if field == "listen" else getattr(defaults, field)
+        parser.add_argument(flag, dest=field, default=os.environ.get(env, default),
+                            help=f"{help_text} (env {env}; default {default})")
+    for flag, env, field, help_text in _SWITCHES:
+        parser.add_argument(flag, dest=field, action="store_true",
+                            default=os.environ.get(env, "").lower() in ("1", "true", "yes"),
+                            help=f"{help_text} (env {env}=true)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Build the config; raises ValueError with the flag's name when a value is off."""
+    values = {}
+    for flag, env, field, type_, _help in _OPTIONS:
+        raw = getattr(args, field)
+        if field == "listen":
+            host, sep, port = str(raw).rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"{flag} / {env}: expected host:port, got {raw!r}")
+            values["host"], values["port"] = host.strip("[]") or "0.0.0.0", int(port)
+            continue
+        try:
+            values[field] = None if raw in (None, "") else type_(raw)
+        except ValueError as exc:
+            raise ValueError(f"{flag} / {env}: {exc}") from exc
+    for _flag, _env, field, _help in _SWITCHES:
+        values[field] = bool(getattr(args, field))
+    config = ServeConfig(**values)
+    if config.storage_sync not in ("normal", "full"):
+        raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"--log-level / PIPEMON_LOG_LEVEL: expected debug, info, warning or error, got"
+                         f" {config.log_level!r}")
+    return config

@@ -1,0 +1,165 @@
+"""Render `/metrics` from the pipeline state, in the Prometheus text format or OpenMetrics.
+
+Each pipeline's sample lines are rendered once per change and cached as bytes, one block per metric
+family, so a scrape where few pipelines changed is mostly a join. The sample lines are the same in both
+formats; only the family headers differ (OpenMetrics names counters without `_total` and ends with EOF).
+The exporter's own `pipemon_*` metrics come from prometheus-client's exposition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as text_exposition
+from prometheus_client.openmetrics import exposition as om_exposition
+
+from pipemon.state import DURATION_BUCKETS, Pipelines, PipelineState
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+RERENDER_CHUNK = 500  # pipelines re-rendered between two yields to the event loop
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    type: str  # counter, gauge or histogram
+    help: str
+
+    def header(self, openmetrics: bool) -> bytes:
+        name = self.name.removesuffix("_total") if openmetrics and self.type == "counter" else self.name
+        return f"# HELP {name} {self.help}\n# TYPE {name} {self.type}\n".encode()
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("pipeline_info", "gauge", "Registry facts about a pipeline; always 1."),
+    Family("pipeline_expected_interval_seconds", "gauge", "Longest expected gap between successful runs."),
+    Family("pipeline_max_runtime_seconds", "gauge", "Longest a run may stay in progress before it is stuck."),
+    Family("pipeline_alert_threshold", "gauge", "Per-pipeline alert threshold overrides from the registry."),
+    Family("pipeline_runs_total", "counter", "Finished runs, by status."),
+    Family("pipeline_run_duration_seconds", "histogram", "Duration of finished runs."),
+    Family("pipeline_records_processed_total", "counter", "Records processed by finished runs."),
+    Family("pipeline_last_run_timestamp_seconds", "gauge", "When the latest run finished; 0 if never."),
+    Family("pipeline_last_success_timestamp_seconds", "gauge", "When the latest successful run finished; 0 if"
+           " never."),
+    Family("pipeline_last_run_success", "gauge", "1 if the latest run succeeded, else 0."),
+    Family("pipeline_last_run_duration_seconds", "gauge", "Duration of the latest run; NaN if unknown."),
+    Family("pipeline_last_run_records", "gauge", "Records processed by the latest run; NaN if not reported."),
+    Family("pipeline_last_run_throughput_records_per_second", "gauge", "Throughput of the latest run; NaN if"
+           " unknown."),
+    Family("pipeline_consecutive_failures", "gauge", "Failed runs since the last success."),
+    Family("pipeline_runs_in_progress", "gauge", "Runs started and not finished."),
+    Family("pipeline_oldest_run_start_timestamp_seconds", "gauge", "Start of the oldest run in progress; 0 if"
+           " none."),
+    Family("pipeline_duration_baseline_mean_seconds", "gauge", "Mean duration of recent successful runs before"
+           " the latest run."),
+    Family("pipeline_duration_baseline_stddev_seconds", "gauge", "Standard deviation of that duration"
+           " baseline."),
+    Family("pipeline_throughput_baseline_mean_records_per_second", "gauge", "Mean throughput of recent"
+           " successful runs before the latest run."),
+    Family("pipeline_throughput_baseline_stddev_records_per_second", "gauge", "Standard deviation of that"
+           " throughput baseline."),
+    Family("pipeline_baseline_samples", "gauge", "Successful runs in the baseline."),
+)
+_BUCKET_LABELS = (*(f"{float(b)!r}" for b in DURATION_BUCKETS), "+Inf")
+
+
+def escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
+    """The sample lines of one pipeline, one block per family in FAMILIES order."""
+    labels = f'pipeline="{escape_label_value(state.name)}",team="{escape_label_value(state.team)}"'
+    spec, v = state.spec, format_value
+    thresholds = "".join(
+        f'pipeline_alert_threshold{{{labels},threshold="{name}"}} {v(value)}\n'
+        for name, value in spec.thresholds.items()
+    )
+    cumulative, buckets = 0, []
+    for le, count in zip(_BUCKET_LABELS, state.bucket_counts, strict=True):
+        cumulative += count
+        buckets.append(f'pipeline_run_duration_seconds_bucket{{{labels},le="{le}"}} {cumulative}\n')
+    histogram = "".join(buckets) + (
+        f"pipeline_run_duration_seconds_sum{{{labels}}} {v(state.duration_sum)}\n"
+        f"pipeline_run_duration_seconds_count{{{labels}}} {state.duration_count}\n"
+    )
+    d_mean, d_std = state.duration_baseline()
+    t_mean, t_std = state.throughput_baseline()
+    blocks = (
+        f'pipeline_info{{{labels},tier="{escape_label_value(spec.tier)}"}} 1\n',
+        f"pipeline_expected_interval_seconds{{{labels}}} {v(spec.expected_interval_seconds)}\n",
+        f"pipeline_max_runtime_seconds{{{labels}}} {v(spec.max_runtime_seconds)}\n",
+        thresholds,
+        f'pipeline_runs_total{{{labels},status="success"}} {state.runs_success}\n'
+        f'pipeline_runs_total{{{labels},status="failure"}} {state.runs_failure}\n',
+        histogram,
+        f"pipeline_records_processed_total{{{labels}}} {state.records_total}\n",
+        f"pipeline_last_run_timestamp_seconds{{{labels}}} {v(state.last_run_ts)}\n",
+        f"pipeline_last_success_timestamp_seconds{{{labels}}} {v(state.last_success_ts)}\n",
+        f"pipeline_last_run_success{{{labels}}} {int(state.last_run_success)}\n",
+        f"pipeline_last_run_duration_seconds{{{labels}}} {v(state.last_run_duration)}\n",
+        f"pipeline_last_run_records{{{labels}}} {v(state.last_run_records)}\n",
+        f"pipeline_last_run_throughput_records_per_second{{{labels}}} {v(state.last_run_throughput)}\n",
+        f"pipeline_consecutive_failures{{{labels}}} {state.consecutive_failures}\n",
+        f"pipeline_runs_in_progress{{{labels}}} {len(state.in_progress)}\n",
+        f"pipeline_oldest_run_start_timestamp_seconds{{{labels}}} {v(state.oldest_start())}\n",
+        f"pipeline_duration_baseline_mean_seconds{{{labels}}} {v(d_mean)}\n",
+        f"pipeline_duration_baseline_stddev_seconds{{{labels}}} {v(d_std)}\n",
+        f"pipeline_throughput_baseline_mean_records_per_second{{{labels}}} {v(t_mean)}\n",
+        f"pipeline_throughput_baseline_stddev_records_per_second{{{labels}}} {v(t_std)}\n",
+        f"pipeline_baseline_samples{{{labels}}} {len(state.ring)}\n",
+    )
+    return tuple(block.encode() for block in blocks)
+
+
+class MetricsRenderer:
+    """Renders `/metrics`, re-rendering only the pipelines whose state changed since they were cached."""
+
+    def __init__(self, pipelines: Callable[[], Pipelines], own_registry: CollectorRegistry) -> None:
+        self._pipelines = pipelines
+        self._own_registry = own_registry
+        self._cache: dict[str, tuple[PipelineState, int, tuple[bytes, ...]]] = {}
+
+    async def render(self, openmetrics: bool) -> bytes:
+        blocks = await self._pipeline_blocks()
+        parts: list[bytes] = []
+        for index, family in enumerate(FAMILIES):
+            parts.append(family.header(openmetrics))
+            parts.extend(b[index] for b in blocks)
+        if openmetrics:
+            own = om_exposition.generate_latest(self._own_registry)
+            parts.append(own)  # already ends with "# EOF"
+        else:
+            parts.append(text_exposition.generate_latest(self._own_registry))
+        return b"".join(parts)
+
+    async def _pipeline_blocks(self) -> list[tuple[bytes, ...]]:
+        states = list(self._pipelines())
+        cache, fresh, rerendered = self._cache, {}, 0
+        result = []
+        for state in states:
+            cached = cache.get(state.name)
+            if cached is None or cached[0] is not state or cached[1] != state.version:
+                cached = (state, state.version, pipeline_blocks(state))
+                rerendered += 1
+                if rerendered % RERENDER_CHUNK == 0:
+                    await asyncio.sleep(0)  # a full re-render must not stall ingest
+            fresh[state.name] = cached
+            result.append(cached[2])
+        self._cache = fresh  # drops pipelines that are gone
+        return result

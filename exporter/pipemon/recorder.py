@@ -1,0 +1,230 @@
+"""The write path: records are committed to storage in groups, then applied to the in-memory state.
+
+Handlers submit records and wait; one writer task drains everything queued meanwhile into a single
+transaction (group commit), so durability costs one commit per group, not per event. State changes only
+after the commit succeeds: a failed write leaves memory and disk as they were, and the caller answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgspec
+
+from pipemon.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Record
+from pipemon.registry import PipelineSpec, Registry
+from pipemon.selfmetrics import ExporterMetrics
+from pipemon.state import Pipelines, PipelineState, Snapshot
+from pipemon.storage import Storage, StorageError
+
+log = logging.getLogger("pipemon.recorder")
+SNAPSHOT_DECODER = msgspec.msgpack.Decoder(Snapshot)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecorderSettings:
+    baseline_size: int = 30
+    dedup_window: int = 1000
+    checkpoint_interval: float = 10.0  # seconds between checkpoints while records arrive
+    checkpoint_records: int = 100_000  # or after this many records, whichever comes first
+    sweep_interval: float = 30.0  # how often to look for abandoned runs
+    abandon_after_factor: float = 3.0  # a run in progress this many max runtimes is abandoned
+
+
+@dataclasses.dataclass(eq=False)
+class _Submission:
+    records: list[Record]
+    done: asyncio.Future[list[str]]
+
+
+_STOP = _Submission([], None)  # type: ignore[arg-type]  # queued by close(): the writer's last item
+
+
+class Recorder:
+    def __init__(self, registry: Registry, storage: Storage, metrics: ExporterMetrics,
+                 settings: RecorderSettings = RecorderSettings(), clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.storage = storage
+        self.metrics = metrics
+        self.settings = settings
+        self.clock = clock
+        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window)
+        self._queue: asyncio.Queue[_Submission] = asyncio.Queue()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipemon-storage")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        snapshots, records = await self._in_thread(self.storage.open)
+        self._restore(snapshots, records)
+        self._add_registered()
+        self._tasks = [asyncio.create_task(self._write_loop(), name="pipemon-writer"),
+                       asyncio.create_task(self._sweep_loop(), name="pipemon-sweeper")]
+        log.info("state loaded: %d pipelines (%d snapshots, %d log records replayed)",
+                 len(self.pipelines), len(snapshots), len(records))
+
+    async def close(self) -> None:
+        """Finish every queued write, checkpoint and close. The writer is stopped by a sentinel, never
+        cancelled, so a group that is committed is always applied before the checkpoint empties the log."""
+        writer, sweeper = self._tasks
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        self._queue.put_nowait(_STOP)
+        await writer
+        try:
+            await self._checkpoint()
+        except StorageError as exc:
+            log.error("final checkpoint failed (%s); the log still holds every acknowledged record", exc)
+        await self._in_thread(self.storage.close)
+        self._thread.shutdown(wait=True)
+
+    def _restore(self, snapshots: list[tuple[str, bytes]], records: list[bytes]) -> None:
+        for name, blob in snapshots:
+            try:
+                snap = SNAPSHOT_DECODER.decode(blob)
+            except msgspec.DecodeError as exc:
+                log.error("checkpoint of pipeline %r is unreadable (%s): it starts from zero", name, exc)
+                continue
+            state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size)
+            self.pipelines.by_name[name] = state
+        for blob in records:
+            self.pipelines.apply(RECORD_DECODER.decode(blob), self.spec_for)
+        self.pipelines.dirty.clear()
+        self.pipelines.dirty.update(self.pipelines.by_name)  # the next checkpoint folds the replayed log
+
+    def _add_registered(self) -> None:
+        for spec in self.registry.registered_specs():
+            self.pipelines.ensure(spec)
+
+    # ---- registry ------------------------------------------------------------------------------------
+
+    def spec_for(self, name: str, team: str | None) -> PipelineSpec:
+        """The registry's spec for a pipeline; an unlisted one keeps the team its events named."""
+        spec = self.registry.lookup(name) or self.registry.default_spec(name)
+        if not spec.registered and team:
+            spec = dataclasses.replace(spec, team=team)
+        return spec
+
+    def set_registry(self, registry: Registry) -> None:
+        """Swap in a reloaded registry; counters and baselines stay, teams and expectations follow it."""
+        self.registry = registry
+        for state in list(self.pipelines):
+            spec = self.spec_for(state.name, None if state.spec.registered else state.team)
+            never_ran = not (state.runs_success or state.runs_failure or state.in_progress)
+            if not spec.registered and state.spec.registered and never_ran:
+                self.pipelines.forget(state.name)  # only ever a placeholder of the old registry
+                continue
+            state.spec, state.team = spec, spec.team
+            state.version += 1
+            self.pipelines.dirty.add(state.name)
+        self._add_registered()
+
+    # ---- writing -------------------------------------------------------------------------------------
+
+    async def submit(self, records: list[Record]) -> list[str]:
+        """Commit and apply records; returns "accepted"/"duplicate" per record or raises StorageError."""
+        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Submission(records, done))
+        return await done
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = await asyncio.wait_for(self._queue.get(), self.settings.checkpoint_interval)
+            except TimeoutError:
+                first = None
+            group = [] if first is None else [first]
+            while not self._queue.empty():
+                group.append(self._queue.get_nowait())
+            stopping = _STOP in group
+            group = [sub for sub in group if sub is not _STOP]
+            if group:
+                await self._commit_group(group)
+            if not stopping:
+                await self._maybe_checkpoint()
+
+    async def _commit_group(self, group: list[_Submission]) -> None:
+        blobs = [RECORD_ENCODER.encode(r) for sub in group for r in sub.records]
+        started = time.perf_counter()
+        try:
+            await self._in_thread(self.storage.append, blobs)
+        except StorageError as exc:
+            self.metrics.storage_errors.inc()
+            log.error("could not store %d records: %s", len(blobs), exc)
+            for sub in group:
+                if not sub.done.done():
+                    sub.done.set_exception(StorageError(str(exc)))
+            return
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._since_checkpoint += len(blobs)
+        for sub in group:
+            outcomes = [self.pipelines.apply(r, self.spec_for) for r in sub.records]
+            if not sub.done.done():
+                sub.done.set_result(outcomes)
+
+    async def _maybe_checkpoint(self) -> None:
+        due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval
+        if self._since_checkpoint >= self.settings.checkpoint_records or (due and self._since_checkpoint):
+            try:
+                await self._checkpoint()
+            except StorageError as exc:
+                self.metrics.storage_errors.inc()
+                log.error("checkpoint failed, will retry: %s", exc)
+
+    async def _checkpoint(self) -> None:
+        pipelines = self.pipelines
+        dirty, forgotten = set(pipelines.dirty), set(pipelines.forgotten)
+        snapshots = [(name, msgspec.msgpack.encode(pipelines.by_name[name].snapshot()))
+                     for name in dirty if name in pipelines.by_name]
+        pipelines.dirty.clear()
+        pipelines.forgotten.clear()
+        try:
+            await self._in_thread(self.storage.checkpoint, snapshots, sorted(forgotten))
+        except StorageError:
+            pipelines.dirty |= dirty
+            pipelines.forgotten |= forgotten
+            raise
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    # ---- abandoned runs ------------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            abandoned = self.find_abandoned(self.clock())
+            if not abandoned:
+                continue
+            try:
+                outcomes = await self.submit(abandoned)
+            except StorageError:
+                continue  # counted by the writer; retried at the next sweep
+            self.metrics.abandoned.inc(outcomes.count("accepted"))
+
+    def find_abandoned(self, now: float) -> list[Record]:
+        factor = self.settings.abandon_after_factor
+        return [
+            Abandon(state.name, run_id, now)
+            for state in self.pipelines if state.in_progress
+            for run_id, started in state.in_progress.items()
+            if now - started > factor * state.spec.max_runtime_seconds
+        ]
+
+    async def _in_thread(self, fn: Callable, *args: object):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / "pipemon.sqlite3"

@@ -1,0 +1,68 @@
+"""`pipemon serve`: run the exporter."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from pipemon.app import EXPORTER_KEY, create_app
+from pipemon.auth import TokensError, load_tokens
+from pipemon.config import ServeConfig, add_serve_arguments, config_from_args
+from pipemon.registry import RegistryError
+
+log = logging.getLogger("pipemon")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_serve_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(config)
+    except (RegistryError, TokensError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def serve(config: ServeConfig) -> int:
+    tokens = load_tokens(config.tokens) if config.tokens else None
+    if tokens is None:
+        log.warning("no tokens file (--tokens): anyone who reaches %s:%d can report runs", config.host, config.port)
+    else:
+        log.info("%d tokens loaded from %s", len(tokens), config.tokens)
+    app = create_app(config, tokens)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+    async def on_startup(app: web.Application) -> None:
+        exporter = app[EXPORTER_KEY]
+
+        def reload() -> None:
+            try:
+                exporter.reload_registry()
+            except RegistryError as exc:
+                log.error("registry not reloaded, the previous one stays: %s", exc)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+        log.info("pipemon listening on http://%s:%d (state in %s)", config.host, config.port, config.state_dir)
+
+    app.on_startup.append(on_startup)
+    web.run_app(app, host=config.host, port=config.port, print=None,
+                access_log=log if config.access_log else None, shutdown_timeout=10)
+    return 0

@@ -1,0 +1,106 @@
+"""Durable state in SQLite: an append-only log of accepted records, folded into per-pipeline checkpoints.
+
+An event is acknowledged only after its record is committed to the log, so `kill -9` loses nothing that
+was acknowledged. Checkpoints bound the log: they store the snapshots of the pipelines that changed and
+delete the log up to the point the snapshots cover, in one transaction. Start-up loads the snapshots and
+replays what is left of the log. All methods are blocking; the caller runs them in one worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+log = logging.getLogger("pipemon.storage")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pipelines (name TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY AUTOINCREMENT, record BLOB NOT NULL);
+"""
+
+
+class StorageError(RuntimeError):
+    """The state could not be written; nothing of the failed write is kept."""
+
+
+class Storage:
+    def __init__(self, path: Path, sync: str = "normal") -> None:
+        self.path = path
+        self.sync = sync
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+        """Open (or create) the database; returns the checkpoint snapshots and the log to replay."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("state file %s is unreadable (%s): moved aside to %s, starting with empty state",
+                      self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.rename(f"{aside}{suffix}")
+            return self._open()
+
+    def _open(self) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+        if not self.path.exists():
+            log.info("no state file at %s: starting with empty state", self.path)
+        db = self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode `normal` survives a crash of the process (kill -9); `full` also a power loss.
+        db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check failed")
+        db.executescript(SCHEMA)
+        snapshots = db.execute("SELECT name, snapshot FROM pipelines").fetchall()
+        records = [row[0] for row in db.execute("SELECT record FROM log ORDER BY seq")]
+        return snapshots, records
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def append(self, records: list[bytes]) -> None:
+        """Commit records to the log; raises StorageError (and keeps none of them) when it cannot."""
+        self._write(lambda db: db.executemany("INSERT INTO log (record) VALUES (?)", [(r,) for r in records]))
+
+    def checkpoint(self, snapshots: list[tuple[str, bytes]], forgotten: list[str]) -> None:
+        """Store snapshots that cover the whole log, then empty the log."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR REPLACE INTO pipelines (name, snapshot) VALUES (?, ?)", snapshots)
+            db.executemany("DELETE FROM pipelines WHERE name = ?", [(n,) for n in forgotten])
+            db.execute("DELETE FROM log")
+
+        self._write(write)
+
+    def _write(self, work) -> None:
+        try:
+            db = self._db or self._reconnect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            # Reconnect next time: a file system that went read-only or full may leave the handle unusable.
+            self.close()
+            raise StorageError(str(exc)) from exc
+
+    def _reconnect(self) -> sqlite3.Connection:
+        self._open_connection_only()
+        assert self._db is not None
+        return self._db
+
+    def _open_connection_only(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+        self._db = db
