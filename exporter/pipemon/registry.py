@@ -92,7 +92,7 @@ class PipelineEntry(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RegistryFile(msgspec.Struct, forbid_unknown_fields=True):
-    teams: dict[TeamName, Team]
+    teams: dict[str, Team]  # names checked in _check_references, for an error that names the team
     pipelines: list[PipelineEntry] = []
     defaults: Defaults = msgspec.field(default_factory=Defaults)
     unknown_pipelines: Literal["accept", "reject"] = "accept"
@@ -216,6 +216,10 @@ def parse_registry(text: str, path: str = "<registry>") -> Registry:
 
 
 def _check_references(source: RegistryFile, root: yaml.Node, path: str) -> None:
+    for team in source.teams:
+        if not re.match(TEAM_NAME_PATTERN, team):
+            raise RegistryError(f"{path}:{_line_of(root, f'$.teams.{team}')}: team name {team!r} must be lower-case"
+                                " letters, digits, '-' or '_' (it becomes part of receiver names)")
     seen: set[str] = set()
     for i, entry in enumerate(source.pipelines):
         where = f"$.pipelines[{i}]"
