@@ -92,7 +92,7 @@ def inhibit_rules() -> list[dict[str, Any]]:
     for i, severity in enumerate(SEVERITIES[:-1]):
         lower = "|".join(SEVERITIES[i + 1 :])
         rules.append({
-            "source_matchers": [f'severity="{severity}"'],
+            "source_matchers": [f'severity="{severity}"', 'pipeline!=""'],
             "target_matchers": [f'severity=~"{lower}"'],
             "equal": ["team", "pipeline"],
         })
