@@ -6,9 +6,9 @@ import pytest
 # Tests import shared helpers as `tests.procs`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipemon.app import EXPORTER_KEY, create_app  # noqa: E402
-from pipemon.auth import Tokens, TokenEntry, hash_token  # noqa: E402
-from pipemon.config import ServeConfig  # noqa: E402
+from pipemon.app import EXPORTER_KEY, create_app
+from pipemon.auth import TokenEntry, Tokens, hash_token
+from pipemon.config import ServeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_REGISTRY = REPO / "pipelines.yaml"

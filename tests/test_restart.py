@@ -1,0 +1,75 @@
+"""State survives restarts: same /metrics after a clean stop, a corrupt file starts a healthy service."""
+
+import dataclasses
+import json
+
+from pipemon.recorder import state_path
+from tests.helpers import run, samples, value
+
+P = {"pipeline": "orders_daily", "team": "data-eng"}
+
+
+def exported(text: str) -> list:
+    """The per-pipeline samples in a stable order, values as repr so that NaN equals NaN."""
+    return sorted((name, sorted(labels), repr(v)) for (name, labels), v in samples(text).items()
+                  if name.startswith("pipeline_"))
+
+
+async def send_history(client) -> None:
+    for i in range(12):
+        status = "failure" if i % 5 == 4 else "success"
+        resp = await client.post("/api/v1/runs", data=json.dumps(
+            run("orders_daily", f"r{i}", status, duration_seconds=10.0 + i, records_processed=100 * i)))
+        assert resp.status == 200
+    await client.post("/api/v1/runs/start", data=json.dumps({"pipeline": "cdc_x", "run_id": "s1"}))
+
+
+async def test_restart_gives_identical_metrics(exporter_client, aiohttp_client, config):
+    client = await exporter_client()
+    await send_history(client)
+    before = await (await client.get("/metrics")).text()
+    await client.close()  # clean shutdown: final checkpoint
+
+    again = await exporter_client()
+    after = await (await again.get("/metrics")).text()
+    assert exported(after) == exported(before)
+    assert value(after, "pipeline_runs_total", **P, status="success") == 10
+    # Retries of runs sent before the restart are still recognised.
+    resp = await again.post("/api/v1/runs", data=json.dumps(run("orders_daily", "r3")))
+    assert (await resp.json())["status"] == "duplicate"
+
+
+async def test_log_without_checkpoint_is_replayed(exporter_client, config):
+    """What a crash leaves behind: records in the log and no final checkpoint."""
+    client = await exporter_client()
+    await send_history(client)
+    before = await (await client.get("/metrics")).text()
+    recorder = client.exporter.recorder
+    recorder._checkpoint = _no_checkpoint  # simulate the crash: the final checkpoint never happens
+    await client.close()
+
+    again = await exporter_client()
+    after = await (await again.get("/metrics")).text()
+    assert exported(after) == exported(before)
+
+
+async def _no_checkpoint() -> None:
+    return None
+
+
+async def test_corrupt_state_file_starts_healthy_and_says_so(exporter_client, config, caplog):
+    path = state_path(config.state_dir)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not a database" * 100)
+    client = await exporter_client()
+    assert (await client.get("/-/healthy")).status == 200
+    assert (await client.post("/api/v1/runs", data=json.dumps(run("orders_daily", "a")))).status == 200
+    assert any("unreadable" in r.message and "moved aside" in r.message for r in caplog.records)
+    assert list(path.parent.glob("pipemon.sqlite3.corrupt-*"))
+
+
+async def test_state_dir_is_created(exporter_client, config, tmp_path):
+    cfg = dataclasses.replace(config, state_dir=tmp_path / "deep" / "er")
+    client = await exporter_client(cfg)
+    assert (await client.post("/api/v1/runs", data=json.dumps(run("orders_daily", "a")))).status == 200
+    assert state_path(cfg.state_dir).exists()
