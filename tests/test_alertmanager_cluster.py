@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from pipemon.alertmanager_render import alertmanager_command, dump_config, render_alertmanager_config
 from pipemon.registry import load_registry
-
 from tests.procs import REPO, free_port, require_binary, running
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from pipemon.alertmanager_render import (
     SEVERITIES,
     dump_config,
@@ -16,7 +17,6 @@ from pipemon.alertmanager_render import (
 )
 from pipemon.cli import main
 from pipemon.registry import UNOWNED_TEAM, load_registry, parse_registry
-
 from tests.procs import REPO, require_binary
 
 REGISTRY = REPO / "pipelines.yaml"

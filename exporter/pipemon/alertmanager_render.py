@@ -152,6 +152,7 @@ def _slack(webhook_file: str, channel: str | None) -> dict[str, Any]:
         "send_resolved": True,
         "color": '{{ template "pipemon.slack.color" . }}',
         "title": '{{ template "pipemon.title" . }}',
+        "fallback": '{{ template "pipemon.title" . }}',
         "title_link": '{{ template "pipemon.slack.title_link" . }}',
         "text": '{{ template "pipemon.slack.text" . }}',
     })
