@@ -167,15 +167,20 @@ def _threshold(name: str) -> str:
     return f'{THRESHOLD}{{threshold="{name}"}}'
 
 
-def _template_query(expr: str, fmt: str, missing: str = "unknown") -> str:
-    """A template snippet printing `fmt` of the first value of `expr` about the alert's pipeline.
+def _template_with(expr: str, body: str, missing: str = "unknown") -> str:
+    """A template snippet rendering `body`, with `.` the result of `expr` about the alert's pipeline.
 
     `expr` holds `{pipeline=%q,team=%q` where the labels go (Go's %q quoting is valid PromQL).
     """
     return (
         f"{{{{ with printf `{expr}` $labels.pipeline $labels.team | query }}}}"
-        f"{{{{ . | first | value | {fmt} }}}}{{{{ else }}}}{missing}{{{{ end }}}}"
+        f"{body}{{{{ else }}}}{missing}{{{{ end }}}}"
     )
+
+
+def _template_query(expr: str, fmt: str) -> str:
+    """A template snippet printing `fmt` of the first value of `expr` (see _template_with)."""
+    return _template_with(expr, f"{{{{ . | first | value | {fmt} }}}}")
 
 
 def _pipeline_query(config: RulesConfig, metric: str, fmt: str) -> str:
@@ -419,7 +424,7 @@ def failure_alerts(config: RulesConfig) -> list[dict[str, Any]]:
             config, "PipelineRunFailed", "low",
             f"(\n  {failures} >= 1\n)\n< {ON} {critical}",
             "A pipeline's latest run failed.",
-            f"{{{{ $labels.pipeline }}}}: the latest run failed ({{{{ $value }}}} consecutive failed runs;"
+            f"{{{{ $labels.pipeline }}}}: the latest run failed ({{{{ $value }}}} in a row;"
             f" PipelineConsecutiveFailures fires at {threshold_text}).",
         ),
         _alert(
@@ -439,10 +444,14 @@ def stale_alerts(config: RulesConfig) -> list[dict[str, Any]]:
         f"pipeline_team:pipeline_last_success:age_seconds\n"
         f"> {ON}\n({interval} * {ON} {_threshold('stale_grace_factor')})"
     )
-    never = q("pipeline_last_success_timestamp_seconds", "printf \"%.0f\"")
+    last_success = _template_with(
+        f'pipeline_last_success_timestamp_seconds{{pipeline=%q,team=%q,job="{config.job}"}}',
+        "{{ if eq (. | first | value) 0.0 }}never succeeded; counted from the exporter's start"
+        "{{ else }}last success at {{ . | first | value | humanizeTimestamp }}{{ end }}",
+    )
     description = (
         f"{{{{ $labels.pipeline }}}}: no successful run for {{{{ $value | humanizeDuration }}}}"
-        f" (last success at timestamp {never}; 0 means never, counted from the exporter's start);"
+        f" ({last_success});"
         f" expected every {q('pipeline_expected_interval_seconds', DURATION)}"
         f" with a grace factor of {_threshold_query('stale_grace_factor', NUMBER)}."
     )
