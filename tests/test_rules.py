@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from pipemon import rules_render
 from pipemon.registry import THRESHOLD_NAMES
-
 from tests.procs import REPO, require_binary
 
 RULES_DIR = REPO / "rules"
