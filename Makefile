@@ -1,0 +1,51 @@
+# pipemon: `make run` starts the stack with demo traffic, `make test` runs every test.
+# Both install what they need first: Debian packages (as root or with sudo) and a virtualenv in .venv.
+
+VENV        ?= .venv
+PYTHON      ?= python3
+BIN         := $(VENV)/bin
+APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-packages run serve test test-quick lint bench render clean
+
+install: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,fast]'
+	touch $@
+
+run: install
+	$(BIN)/pipemon stack --demo
+
+serve: install
+	$(BIN)/pipemon serve --registry pipelines.yaml --state-dir pipemon-state
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-quick: install
+	$(BIN)/pytest -q -m 'not slow and not fault'
+
+bench: install
+	$(BIN)/python bench/bench.py
+
+render: install
+	$(BIN)/pipemon render-rules
+	$(BIN)/pipemon render-alertmanager
+
+clean:
+	rm -rf $(VENV) pipemon-state .pytest_cache
