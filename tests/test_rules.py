@@ -136,3 +136,10 @@ def test_for_durations_come_from_the_config() -> None:
     config = yaml.safe_load(CONFIG.read_text())
     for alert in _alerts():
         assert alert["for"] == rules_render.format_duration(rules_render.parse_duration(config["for"][alert["alert"]]))
+
+
+def test_cli_render_rules_check_passes_on_the_committed_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipemon.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["render-rules", "--check"]) == 0

@@ -183,10 +183,13 @@ def _template_query(expr: str, fmt: str) -> str:
     return _template_with(expr, f"{{{{ . | first | value | {fmt} }}}}")
 
 
-def _pipeline_query(config: RulesConfig, metric: str, fmt: str) -> str:
-    """Query an exporter metric (job-selected) or a recorded one (already aggregated by pipeline and team)."""
+def _pipeline_query(config: RulesConfig, metric: str, fmt: str, known_only: bool = False) -> str:
+    """Query an exporter metric (job-selected) or a recorded one (already aggregated by pipeline and team).
+
+    `known_only` drops NaN (an unknown value), so the snippet prints "unknown" instead of "NaN".
+    """
     job = "" if ":" in metric else f',job="{config.job}"'
-    return _template_query(f"{metric}{{pipeline=%q,team=%q{job}}}", fmt)
+    return _template_query(f"{metric}{{pipeline=%q,team=%q{job}}}{' >= 0' if known_only else ''}", fmt)
 
 
 def _threshold_query(name: str, fmt: str) -> str:
@@ -406,7 +409,7 @@ def throughput_alerts(config: RulesConfig) -> list[dict[str, Any]]:
     description = (
         f"{{{{ $labels.pipeline }}}}: the latest run processed"
         f" {q('pipeline_last_run_records', NUMBER)} records at"
-        f" {q('pipeline_last_run_throughput_records_per_second', NUMBER)} records/s,"
+        f" {q('pipeline_last_run_throughput_records_per_second', NUMBER, known_only=True)} records/s,"
         f" {{{{ $value | humanizePercentage }}}} of the baseline mean of"
         f" {q('pipeline_throughput_baseline_mean_records_per_second', NUMBER)} records/s"
         f" (alert below {_threshold_query(threshold, PERCENT)})."
