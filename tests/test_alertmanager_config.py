@@ -97,8 +97,10 @@ def test_unowned_goes_to_default(severity: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_exporter_alert_without_team_goes_to_default() -> None:
-    result = route_test("default", alertname="PipelineExporterDown", severity="critical")
+@pytest.mark.parametrize("team", [None, "platform"])  # the exporter alerts say team="platform"
+def test_exporter_alert_of_no_registry_team_goes_to_default(team: str | None) -> None:
+    labels = {"team": team} if team else {}
+    result = route_test("default", alertname="PipelineExporterDown", severity="critical", **labels)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
