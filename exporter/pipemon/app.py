@@ -15,9 +15,10 @@ from aiohttp import web
 from pipemon import __version__
 from pipemon.auth import Principal, Tokens
 from pipemon.config import ServeConfig
-from pipemon.events import Forget, Record, RunFinished, RunStarted, finished_record, started_record
+from pipemon.events import Finish, Forget, RunFinished, RunStarted, Start, finished_record, started_record
 from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
 from pipemon.ingest import Admission, Rejection, decode_item, split_items, to_record
+from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
 from pipemon.recorder import Recorder, RecorderSettings, state_path
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
@@ -29,6 +30,8 @@ log = logging.getLogger("pipemon")
 EXPORTER_KEY = web.AppKey("exporter", "Exporter")
 EMPTY_REGISTRY = "teams: {}\n"
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
+# Wire event -> record; None means "valid, nothing to record".
+Converter = Callable[[Any], Start | Finish | None]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -80,7 +83,7 @@ class Exporter:
         return principal
 
     async def ingest(self, request: web.Request, endpoint: str, wire_type: type,
-                     convert: Callable[[Any], Record]) -> web.Response:
+                     convert: Converter) -> web.Response:
         try:
             principal = self.principal(request)
             body = await request.read()
@@ -104,18 +107,20 @@ class Exporter:
         summary = {s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")}
         return json_response({**summary, "results": results})
 
-    async def _ingest_items(self, items: list, wire_type: type, convert: Callable[[Any], Record],
+    async def _ingest_items(self, items: list, wire_type: type, convert: Converter,
                             principal: Principal | None) -> list[dict[str, Any]] | Rejection:
         admission = Admission(self.registry, self.recorder.pipelines, principal, self.config.max_pipelines)
         results: list[dict[str, Any]] = []
-        records: list[Record] = []
+        records: list[Start | Finish] = []
         slots: list[int] = []
         for raw in items:
             try:
-                event = decode_item(raw, wire_type)
-                team = admission.team_of(event.pipeline, event.team)
-                record = to_record(event, convert)
-                admission.admit(record.pipeline, isinstance(event, RunStarted))
+                record = to_record(decode_item(raw, wire_type), convert)
+                if record is None:  # valid, and nothing to record (OpenLineage RUNNING/OTHER)
+                    results.append({"status": "accepted"})
+                    continue
+                team = admission.team_of(record.pipeline, record.team)
+                admission.admit(record.pipeline, isinstance(record, Start))
             except Rejection as rejection:
                 self.metrics.reject(rejection.reason)
                 results.append(rejection.body())
@@ -137,11 +142,16 @@ class Exporter:
         self.metrics.duplicates.inc(sum(1 for r in results if r["status"] == "duplicate"))
         return results
 
-    def finished(self, event: RunFinished) -> Record:
+    def finished(self, event: RunFinished) -> Finish:
         return finished_record(event, self.clock(), self.config.max_clock_skew)
 
-    def started(self, event: RunStarted) -> Record:
+    def started(self, event: RunStarted) -> Start:
         return started_record(event, self.clock(), self.config.max_clock_skew)
+
+    def lineage_converter(self) -> LineageConverter:
+        """A converter for the OpenLineage events of one request."""
+        return LineageConverter(self.registry, self.recorder.pipelines, self.config.lineage_pipeline_name,
+                                self.clock, self.config.max_clock_skew)
 
 
 # ---- handlers ----------------------------------------------------------------------------------------
@@ -159,6 +169,11 @@ async def post_runs(request: web.Request) -> web.Response:
 async def post_runs_start(request: web.Request) -> web.Response:
     exp = _exporter(request)
     return await exp.ingest(request, "runs_start", RunStarted, exp.started)
+
+
+async def post_lineage(request: web.Request) -> web.Response:
+    exp = _exporter(request)
+    return await exp.ingest(request, "lineage", RunEvent, exp.lineage_converter())
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -287,6 +302,7 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
     app.router.add_post("/-/reload", post_reload)
     app.router.add_post("/api/v1/runs", post_runs)
     app.router.add_post("/api/v1/runs/start", post_runs_start)
+    app.router.add_post("/api/v1/lineage", post_lineage)
     app.router.add_get("/api/v1/pipelines", get_pipelines)
     app.router.add_get("/api/v1/pipelines/{name}", get_pipeline)
     app.router.add_delete("/api/v1/pipelines/{name}", delete_pipeline)

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipemon.lineage import check_name_template
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -25,6 +27,7 @@ class ServeConfig:
     baseline_size: int = 30
     dedup_window: int = 1000
     abandon_after_factor: float = 3.0
+    lineage_pipeline_name: str = "{name}"
 
 
 # flag, env var, config field, type, help
@@ -45,6 +48,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "run ids remembered per pipeline to recognise retries"),
     ("--abandon-after-factor", "PIPEMON_ABANDON_AFTER_FACTOR", "abandon_after_factor", float,
      "a run in progress for this many max runtimes is abandoned and counted as failed"),
+    ("--lineage-pipeline-name", "PIPEMON_LINEAGE_PIPELINE_NAME", "lineage_pipeline_name", str,
+     "pipeline name of an OpenLineage job, from {name} and {namespace}, e.g. '{namespace}/{name}'"),
 )
 _SWITCHES = (
     ("--enable-lifecycle", "PIPEMON_ENABLE_LIFECYCLE", "enable_lifecycle", "allow POST /-/reload"),
@@ -82,6 +87,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     for _flag, _env, field, _help in _SWITCHES:
         values[field] = bool(getattr(args, field))
     config = ServeConfig(**values)
+    try:
+        check_name_template(config.lineage_pipeline_name)
+    except ValueError as exc:
+        raise ValueError(f"--lineage-pipeline-name / PIPEMON_LINEAGE_PIPELINE_NAME: {exc}") from exc
     if config.storage_sync not in ("normal", "full"):
         raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
