@@ -1,0 +1,258 @@
+"""`pipemon stack`: the whole stack on 127.0.0.1 without Docker.
+
+Starts a notification sink, the exporter, two clustered Alertmanagers (with the configuration rendered from
+the registry, every receiver pointed at the sink) and Prometheus (scraping the exporter, loading the rules
+rendered from rules/config.yaml, sending to both Alertmanagers). State and logs go to one directory.
+Ctrl-C (or SIGTERM) stops every child; children also get SIGTERM if this process dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import yaml
+
+from pipemon import alertmanager_render, demo, rules_render
+from pipemon.durations import format_duration, parse_duration
+from pipemon.registry import RegistryError, load_registry
+
+PROMETHEUS = "/usr/bin/prometheus"
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+INSTALL_HINT = "sudo apt-get update && sudo apt-get install -y prometheus prometheus-alertmanager"
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    exporter: int = 9464
+    prometheus: int = 9090
+    alertmanagers: tuple[int, int] = (9093, 9095)
+    cluster: tuple[int, int] = (9094, 9096)
+    sink: int = 9099
+
+
+@dataclass
+class Stack:
+    """The child processes of a running stack, stopped in reverse order of start."""
+
+    directory: Path
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], ready_url: str, quiet: bool = True, timeout: float = 30) -> None:
+        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        out = log if quiet else None
+        proc = subprocess.Popen(cmd, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent, cwd=self.directory)
+        self.processes.append((name, proc))
+        _wait_ready(name, ready_url, proc, self.directory / f"{name}.log", timeout)
+
+    def stop(self) -> None:
+        for _name, proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc in reversed(self.processes):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def exited(self) -> str | None:
+        """The name of a child that has exited, if any."""
+        return next((name for name, proc in self.processes if proc.poll() is not None), None)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the stack process dies, even by kill -9 (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_ready(name: str, url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; its log ({log}) ends:\n"
+                               + log.read_text(errors="replace")[-2000:])
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not become ready at {url} within {timeout:.0f}s (log: {log})")
+
+
+# ---- configuration files ------------------------------------------------------------------------------
+
+
+def write_rules(config_path: Path, out_dir: Path, evaluation_interval: str, max_for: str | None) -> None:
+    """Render the rules into `out_dir`, with the stack's evaluation interval and `for:` capped at max_for."""
+    config = rules_render.load_config(config_path)
+    config = msgspec.structs.replace(config, evaluation_interval=evaluation_interval)
+    if max_for is not None:
+        cap = parse_duration(max_for)
+        durations = {name: format_duration(min(cap, parse_duration(value)))
+                     for name, value in msgspec.structs.asdict(config.for_).items()}
+        config = msgspec.structs.replace(config, for_=msgspec.structs.replace(config.for_, **durations))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in rules_render.render(config).items():
+        (out_dir / name).write_text(text)
+
+
+def prometheus_config(ports: StackPorts, rules_dir: Path, scrape_interval: str, evaluation_interval: str) -> dict:
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
+        "rule_files": [str(rules_dir / "*.yml")],
+        "scrape_configs": [
+            {"job_name": "pipemon", "static_configs": [{"targets": [f"127.0.0.1:{ports.exporter}"]}]},
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{ports.prometheus}"]}]},
+        ],
+    }
+    config.update(alertmanager_render.prometheus_alerting_config(
+        [f"127.0.0.1:{port}" for port in ports.alertmanagers]))
+    return config
+
+
+def write_alertmanager_config(registry_path: Path, directory: Path, sink_url: str, args: argparse.Namespace) -> Path:
+    registry = load_registry(registry_path)
+    config = alertmanager_render.render_alertmanager_config(
+        registry, sink_url=sink_url, group_wait=args.group_wait, group_interval=args.group_interval,
+        repeat_interval=args.repeat_interval)
+    path = directory / "alertmanager.yml"
+    path.write_text(alertmanager_render.dump_config(config, str(registry_path)))
+    templates = directory / "templates"
+    shutil.rmtree(templates, ignore_errors=True)
+    shutil.copytree(args.templates, templates)
+    return path
+
+
+# ---- running ------------------------------------------------------------------------------------------
+
+
+def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, registry: Path) -> None:
+    d = stack.directory
+    py = sys.executable
+    sink_url = f"http://127.0.0.1:{ports.sink}/alertmanager"
+    stack.start("sink", [py, "-u", "-m", "pipemon.sink", "--listen", f"127.0.0.1:{ports.sink}"],
+                f"http://127.0.0.1:{ports.sink}/notifications", quiet=False)
+    stack.start("exporter", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{ports.exporter}",
+                             "--registry", str(registry), "--state-dir", str(d / "exporter")],
+                f"http://127.0.0.1:{ports.exporter}/-/ready")
+    am_config = write_alertmanager_config(registry, d, sink_url, args)
+    for i, (web, cluster) in enumerate(zip(ports.alertmanagers, ports.cluster, strict=True)):
+        peer = ports.cluster[1 - i]
+        cmd = alertmanager_render.alertmanager_command(
+            ALERTMANAGER, str(am_config), str(d / f"alertmanager-{i + 1}"), f"127.0.0.1:{web}",
+            f"127.0.0.1:{cluster}", [f"127.0.0.1:{peer}"])
+        stack.start(f"alertmanager-{i + 1}", cmd, f"http://127.0.0.1:{web}/-/ready")
+    write_rules(args.rules_config, d / "rules", args.evaluation_interval, args.max_for)
+    prom_config = d / "prometheus.yml"
+    prom_config.write_text(yaml.safe_dump(prometheus_config(ports, d / "rules", args.scrape_interval,
+                                                            args.evaluation_interval), sort_keys=False))
+    stack.start("prometheus", [PROMETHEUS, f"--config.file={prom_config}", f"--storage.tsdb.path={d / 'prometheus'}",
+                               f"--web.listen-address=127.0.0.1:{ports.prometheus}"],
+                f"http://127.0.0.1:{ports.prometheus}/-/ready")
+
+
+def banner(ports: StackPorts, directory: Path, with_demo: bool) -> str:
+    lines = [
+        "pipemon stack is up (Ctrl-C stops everything):",
+        f"  exporter      http://127.0.0.1:{ports.exporter}/  (metrics: /metrics, pipelines: /api/v1/pipelines)",
+        f"  prometheus    http://127.0.0.1:{ports.prometheus}/alerts",
+        f"  alertmanager  http://127.0.0.1:{ports.alertmanagers[0]}/  and  http://127.0.0.1:{ports.alertmanagers[1]}/",
+        f"  sink          every notification is printed below (also: http://127.0.0.1:{ports.sink}/notifications)",
+        f"  state & logs  {directory}/",
+    ]
+    if with_demo:
+        lines.append("demo traffic runs: expect PipelineRunFailed (ledger_reconcile, finance-info) within a"
+                     " minute, then the others within five.")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", type=Path, default=Path("pipemon-stack"), help="state and logs (default: %(default)s)")
+    parser.add_argument("--registry", type=Path, default=Path("pipelines.yaml"),
+                        help="ownership registry (default: %(default)s; --demo uses its own)")
+    parser.add_argument("--demo", action="store_true", help="send demo traffic with injected trouble")
+    parser.add_argument("--rules-config", type=Path, default=Path("rules/config.yaml"))
+    parser.add_argument("--templates", type=Path, default=Path("alertmanager/templates"))
+    parser.add_argument("--ports", default="9464,9090,9093,9095,9094,9096,9099",
+                        help="exporter,prometheus,am1,am2,am1-cluster,am2-cluster,sink")
+    parser.add_argument("--scrape-interval", default="5s")
+    parser.add_argument("--evaluation-interval", default="5s")
+    parser.add_argument("--max-for", default=None,
+                        help="cap every alert's `for:` (default: 30s with --demo, else as configured)")
+    parser.add_argument("--group-wait", default="5s")
+    parser.add_argument("--group-interval", default="30s")
+    parser.add_argument("--repeat-interval", default="1h")
+
+
+def parse_ports(text: str) -> StackPorts:
+    values = [int(p) for p in text.split(",")]
+    if len(values) != 7:
+        raise ValueError("--ports takes seven ports: exporter,prometheus,am1,am2,am1-cluster,am2-cluster,sink")
+    e, p, a1, a2, c1, c2, s = values
+    return StackPorts(e, p, (a1, a2), (c1, c2), s)
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [b for b in (PROMETHEUS, ALERTMANAGER) if not Path(b).exists()]
+    if missing:
+        print(f"error: {', '.join(missing)} not found. Install Debian's packages:\n  {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    for path in (args.rules_config, args.templates):
+        if not path.exists():
+            print(f"error: {path} not found: run `pipemon stack` from the pipemon repository", file=sys.stderr)
+            return 1
+    ports = parse_ports(args.ports)
+    directory = args.dir.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    registry = args.registry.resolve()
+    if args.demo:
+        registry = directory / "demo-pipelines.yaml"
+        registry.write_text(demo.demo_registry(demo.demo_pipelines()))
+        args.max_for = args.max_for or "30s"
+    args.rules_config, args.templates = args.rules_config.resolve(), args.templates.resolve()
+    stack = Stack(directory)
+    with _stop_on_signals():
+        try:
+            start_stack(args, ports, stack, registry)
+            if args.demo:
+                stack.start("demo", [sys.executable, "-m", "pipemon.demo", "--url",
+                                     f"http://127.0.0.1:{ports.exporter}"],
+                            f"http://127.0.0.1:{ports.exporter}/-/ready")
+            print(banner(ports, directory, args.demo), flush=True)
+            while (gone := stack.exited()) is None:
+                time.sleep(0.5)
+            print(f"error: {gone} exited; see {directory / (gone + '.log')}. Stopping.", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping…", file=sys.stderr)
+            return 0
+        except (RuntimeError, RegistryError, rules_render.ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            stack.stop()
