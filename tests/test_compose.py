@@ -1,0 +1,167 @@
+"""docker-compose.yml, the Dockerfile and deploy/prometheus.yml: valid for the real tools, every mounted repo path
+exists, images pinned, healthchecks, state in named volumes, Prometheus wired to the exporter and both
+Alertmanagers. No container runs here: `docker-compose config` validates without an engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.procs import REPO, require_binary
+
+COMPOSE_FILE = REPO / "docker-compose.yml"
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus.yml"
+ALERTMANAGERS = ("alertmanager-1", "alertmanager-2")
+STATE = {"exporter": "/var/lib/pipemon", "prometheus": "/prometheus", "alertmanager-1": "/alertmanager",
+         "alertmanager-2": "/alertmanager", "grafana": "/var/lib/grafana"}
+PINNED_TAG = re.compile(r"^v?\d+\.\d+\.\d+$")
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def mounts(service: str) -> dict[str, str]:
+    """Container path → source (a ./repo path or a named volume) for one service."""
+    return {volume.split(":")[1]: volume.split(":")[0] for volume in services()[service].get("volumes", [])}
+
+
+def command_flags(service: str) -> dict[str, str]:
+    return dict(flag.lstrip("-").split("=", 1) for flag in services()[service]["command"] if "=" in flag)
+
+
+def prometheus_config() -> dict[str, Any]:
+    return yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["default", "demo"])
+def test_docker_compose_config_validates(profile):
+    binary = require_binary("docker-compose")
+    result = subprocess.run([binary, "-f", str(COMPOSE_FILE), *profile, "config", "-q"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_mounted_repo_path_exists():
+    missing = [f"{name}: {source}" for name in services() for source in mounts(name).values()
+               if source.startswith(".") and not (REPO / source).exists()]
+    assert not missing, missing
+
+
+def test_images_are_pinned():
+    for name, service in services().items():
+        if "build" in service:
+            continue
+        tag = service["image"].rpartition(":")[2]
+        assert PINNED_TAG.match(tag), f"{name}: {service['image']} is not pinned to a release"
+
+
+def test_every_long_running_service_has_a_healthcheck():
+    for name, service in services().items():
+        check = service.get("healthcheck", {})
+        if "demo" in service.get("profiles", []):
+            continue
+        assert check.get("test") and not check.get("disable"), name
+
+
+def test_state_lives_in_named_volumes():
+    named = set(yaml.safe_load(COMPOSE_FILE.read_text())["volumes"])
+    for name, path in STATE.items():
+        assert mounts(name).get(path) in named, f"{name}: {path} is not a named volume"
+
+
+def test_alertmanagers_are_clustered_with_each_other():
+    for name in ALERTMANAGERS:
+        (other,) = set(ALERTMANAGERS) - {name}
+        flags = command_flags(name)
+        assert flags["cluster.peer"] == f"{other}:9094", name
+        assert flags["config.file"] == "/etc/alertmanager/alertmanager.yml"
+        assert mounts(name)[flags["config.file"]] == "./alertmanager/alertmanager.yml"
+        assert mounts(name)["/etc/alertmanager/templates"] == "./alertmanager/templates"
+
+
+def test_exporter_serves_the_mounted_registry_into_its_state_volume():
+    command = services()["exporter"]["command"]
+    assert command[:2] == ["pipemon", "serve"]
+    args = dict(zip(command[2::2], command[3::2], strict=True))
+    assert args["--listen"] == "0.0.0.0:9464"
+    assert mounts("exporter")[args["--registry"]] == "./pipelines.yaml"
+    assert args["--state-dir"] == STATE["exporter"]
+
+
+def test_demo_is_an_optional_profile_aimed_at_the_exporter():
+    demo = services()["demo"]
+    assert demo["profiles"] == ["demo"]
+    assert demo["command"][:3] == ["python", "-m", "pipemon.demo"]
+    assert "http://exporter:9464" in demo["command"]
+
+
+def test_every_python_module_the_stack_runs_exists():
+    for name, service in services().items():
+        command = service.get("command", [])
+        if command[:2] == ["python", "-m"]:
+            assert importlib.util.find_spec(command[2]) is not None, f"{name}: {command[2]}"
+
+
+# ---- deploy/prometheus.yml -----------------------------------------------------------------------------
+
+
+def test_prometheus_config_passes_promtool(tmp_path):
+    promtool = require_binary("promtool")
+    result = subprocess.run([promtool, "check", "config", "--syntax-only", str(PROMETHEUS_CONFIG)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_the_exporter_as_job_pipemon():
+    jobs = {job["job_name"]: job for job in prometheus_config()["scrape_configs"]}
+    targets = [t for config in jobs["pipemon"]["static_configs"] for t in config["targets"]]
+    assert targets == ["exporter:9464"]
+
+
+def test_prometheus_loads_the_mounted_rules_directory():
+    (pattern,) = prometheus_config()["rule_files"]
+    directory = str(Path(pattern).parent)
+    assert mounts("prometheus")[directory] == "./rules"
+    assert list((REPO / "rules").glob(Path(pattern).name)), "no rule file matches"
+    assert mounts("prometheus")["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus.yml"
+
+
+def test_prometheus_alerts_both_alertmanagers_directly():
+    (alertmanagers,) = prometheus_config()["alerting"]["alertmanagers"]
+    targets = [t for config in alertmanagers["static_configs"] for t in config["targets"]]
+    assert sorted(targets) == [f"{name}:9093" for name in ALERTMANAGERS]
+    assert set(ALERTMANAGERS) <= set(services())
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return [tuple(line.strip().split(None, 1)) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_runs_the_exporter_as_a_non_root_user_with_a_healthcheck():
+    instructions = dockerfile_instructions()
+    keywords = [keyword for keyword, _ in instructions]
+    values = dict(instructions)
+    assert values["FROM"] == "python:3.11-slim"
+    assert values["USER"] not in ("root", "0")
+    assert "HEALTHCHECK" in keywords and "/-/healthy" in values["HEALTHCHECK"]
+    assert "pip install" in values["RUN"]
+    assert "pipemon serve --listen 0.0.0.0:9464 --registry /etc/pipemon/pipelines.yaml" in \
+        " ".join(re.findall(r'"([^"]*)"', values["CMD"]))
+
+
+def test_dockerignore_lets_in_what_the_install_needs():
+    lines = (REPO / ".dockerignore").read_text().split()
+    for needed in ("pyproject.toml", "exporter/", "pipelines.yaml"):
+        assert f"!{needed}" in lines and (REPO / needed).exists(), needed
