@@ -137,7 +137,7 @@ def datasource_variable() -> dash.DatasourceVariable:
 
 def query_variable(name: str, label: str, expr: str) -> dash.QueryVariable:
     return (dash.QueryVariable(name).label(label).datasource(DATASOURCE)
-            .query({"query": expr, "refId": "PrometheusVariableQueryEditor-VariableQuery", "qryType": 1})
+            .query(expr)
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC))
 
 

@@ -132,8 +132,8 @@ def test_recording_rules_used_by_the_dashboards_exist():
 
 def test_pipeline_dashboard_has_pipeline_and_team_variables():
     variables = {v["name"]: v for v in committed()["pipemon-pipeline"]["templating"]["list"]}
-    assert variables["pipeline"]["query"]["query"] == "label_values(pipeline_info, pipeline)"
-    assert variables["team"]["query"]["query"] == 'label_values(pipeline_info{pipeline="$pipeline"}, team)'
+    assert variables["pipeline"]["query"] == "label_values(pipeline_info, pipeline)"
+    assert variables["team"]["query"] == 'label_values(pipeline_info{pipeline="$pipeline"}, team)'
     for _, title, expr in (e for e in all_exprs() if e[0] == "pipemon-pipeline"):
         assert 'pipeline="$pipeline"' in expr, title
 
@@ -176,6 +176,13 @@ def test_datasource_points_at_the_compose_prometheus():
         assert [s["type"] for s in sources] == ["prometheus"]
         host = urllib.parse.urlsplit(sources[0]["url"]).hostname
         assert host in services
+
+
+def test_datasource_time_interval_is_the_scrape_interval():
+    """Grafana's $__rate_interval is at least 4x the datasource's scrape interval: keep it the real one."""
+    (source,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    deploy = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    assert source["jsonData"]["timeInterval"] == deploy["global"]["scrape_interval"]
 
 
 def test_home_dashboard_is_a_mounted_file():
