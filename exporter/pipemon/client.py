@@ -70,16 +70,22 @@ class Run:
     records: int | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started_monotonic: float = field(default_factory=time.monotonic)
+    ended: tuple[datetime, float] | None = None  # wall clock and monotonic time of the end, once it ended
+
+    def end(self) -> None:
+        """Stamp the end of the run (the finish event uses it; default: when the event is made)."""
+        self.ended = (datetime.now(UTC), time.monotonic())
 
     def start_event(self) -> dict[str, Any]:
         return _without_none({"pipeline": self.pipeline, "run_id": self.run_id,
                               "started_at": self.started_at.isoformat(), "team": self.team})
 
     def finish_event(self, success: bool) -> dict[str, Any]:
+        finished_at, finished_monotonic = self.ended or (datetime.now(UTC), time.monotonic())
         return _without_none({
             "pipeline": self.pipeline, "run_id": self.run_id, "status": "success" if success else "failure",
-            "started_at": self.started_at.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
-            "duration_seconds": max(0.0, time.monotonic() - self.started_monotonic),
+            "started_at": self.started_at.isoformat(), "finished_at": finished_at.isoformat(),
+            "duration_seconds": max(0.0, finished_monotonic - self.started_monotonic),
             "records_processed": _valid_records(self.records), "team": self.team,
         })
 
@@ -283,6 +289,7 @@ class track:  # lower case: used like a function, `with pipemon.track(...) as ru
         return self.run
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.run.end()
         if self._token is not None:
             _current.reset(self._token)
         success = exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None))
