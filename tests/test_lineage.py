@@ -259,6 +259,7 @@ MALFORMED = [
     (_reference(job__namespace=_DELETE), 422, "invalid_field", "job:namespace"),
     (_reference(job__name=_DELETE), 422, "invalid_field", "job:name"),
     (_reference(job__name=""), 422, "invalid_field", "job.name"),
+    (_reference(job__namespace="a\nb"), 422, "invalid_field", "job.namespace"),
     (_reference(outputs__0__outputFacets__outputStatistics__rowCount=-1), 422, "invalid_field",
      "outputs[0].outputFacets.outputStatistics.rowCount"),
     (_reference(outputs=[{"outputFacets": {"outputStatistics": {"rowCount": 2**53}}}] * 2), 422, "invalid_field",

@@ -18,13 +18,13 @@ from typing import Annotated, Literal
 import msgspec
 
 from pipemon.events import MAX_RECORDS, Finish, InvalidEvent, PipelineName, Records, RunId, Start, Timestamp, _epoch
-from pipemon.registry import PIPELINE_NAME_MAX, Registry
+from pipemon.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Registry
 from pipemon.state import Pipelines
 
 log = logging.getLogger("pipemon.lineage")
 DEFAULT_NAME_TEMPLATE = "{name}"
 TEAM_PREFIX = "team:"
-Namespace = Annotated[str, msgspec.Meta(min_length=1, max_length=PIPELINE_NAME_MAX)]
+Namespace = Annotated[str, msgspec.Meta(min_length=1, max_length=PIPELINE_NAME_MAX, pattern=PIPELINE_NAME_PATTERN)]
 
 
 # ---- wire format: the subset of the OpenLineage RunEvent that pipemon reads (camelCase as on the wire) ---
