@@ -193,8 +193,8 @@ class Reporter:
         """Send the spooled events as NDJSON batches, then keep only the undelivered ones."""
         try:
             self.spool.drain(self._send_spooled)
-        except OSError as exc:
-            log.warning("pipemon: cannot read the spool %s: %s", self.spool.path, exc)
+        except Exception as exc:  # an unreadable spool must not keep the new event from being sent
+            log.warning("pipemon: cannot send the spool %s: %r", self.spool.path, exc)
 
     def _spool(self, path: str, event: dict[str, Any]) -> None:
         try:
@@ -215,8 +215,9 @@ class Reporter:
     def _send_spooled(self, entries: list[Entry]) -> list[Entry]:
         """Send spooled events once each; returns those to keep. A start whose finish is spooled too is dropped:
         the finish carries everything."""
-        finished = {(e["pipeline"], e["run_id"]) for p, e in entries if p == FINISH_PATH}
-        entries = [(p, e) for p, e in entries if p == FINISH_PATH or (e["pipeline"], e["run_id"]) not in finished]
+        finished = {(e.get("pipeline"), e.get("run_id")) for p, e in entries if p == FINISH_PATH}
+        entries = [(p, e) for p, e in entries
+                   if p == FINISH_PATH or (e.get("pipeline"), e.get("run_id")) not in finished]
         left: list[Entry] = []
         for path in (START_PATH, FINISH_PATH):
             events = [e for p, e in entries if p == path]
