@@ -253,8 +253,8 @@ MALFORMED = [
     (_reference(eventTime=_DELETE), 422, "invalid_field", "eventTime"),
     (_reference(eventTime="2025-01-22T14:05:10"), 422, "invalid_field", "eventTime"),
     (_reference(eventTime="2999-01-01T00:00:00Z"), 422, "future_timestamp", "eventTime"),
-    # A missing nested field is located at its parent ("run"); the message names it ("runId").
-    (_reference(run__runId=_DELETE), 422, "invalid_field", "run:runId"),
+    # A missing nested field is named by its full path; the message names it too.
+    (_reference(run__runId=_DELETE), 422, "invalid_field", "run.runId:runId"),
     (_reference(run=_DELETE), 422, "invalid_field", "run"),
     (_reference(job__namespace=_DELETE), 422, "invalid_field", "job:namespace"),
     (_reference(job__name=_DELETE), 422, "invalid_field", "job:name"),

@@ -67,8 +67,9 @@ def decode_item(raw: bytes | msgspec.Raw, wire_type: type[T]) -> T:
 
 def _validation_rejection(message: str) -> Rejection:
     at = _FIELD_AT.search(message)
-    named = _FIELD_NAMED.search(message)
-    field = at.group(1) if at and at.group(1) else (named.group(1) if named else None)
+    named = _FIELD_NAMED.search(message)  # missing or unknown field: named inside the object at `at`
+    path = [part for part in (at.group(1) if at else None, named.group(1) if named else None) if part]
+    field = ".".join(path) or None
     return Rejection(422, "invalid_field", _FIELD_AT.sub("", message), field)
 
 

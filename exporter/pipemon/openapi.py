@@ -9,6 +9,7 @@ import msgspec
 
 from pipemon import __version__
 from pipemon.events import RunFinished, RunStarted
+from pipemon.lineage import RunEvent
 
 _ERROR = {
     "type": "object",
@@ -63,7 +64,7 @@ def _ingest_operation(summary: str, schema: str) -> dict[str, Any]:
 
 @functools.cache
 def openapi_spec() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components([RunFinished, RunStarted],
+    _, components = msgspec.json.schema_components([RunFinished, RunStarted, RunEvent],
                                                    ref_template="#/components/schemas/{name}")
     components.update(Error=_ERROR, Result=_RESULT, BatchResult=_BATCH_RESULT)
     return {
@@ -72,6 +73,8 @@ def openapi_spec() -> dict[str, Any]:
         "paths": {
             "/api/v1/runs": _ingest_operation("Report finished runs", "RunFinished"),
             "/api/v1/runs/start": _ingest_operation("Report runs that started", "RunStarted"),
+            "/api/v1/lineage": _ingest_operation("Report OpenLineage RunEvents (START, COMPLETE, FAIL, ABORT;"
+                                                 " RUNNING and OTHER are accepted and change nothing)", "RunEvent"),
         },
         "components": {"schemas": components,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
