@@ -256,8 +256,8 @@ MALFORMED = [
     # A missing nested field is named by its full path; the message names it too.
     (_reference(run__runId=_DELETE), 422, "invalid_field", "run.runId:runId"),
     (_reference(run=_DELETE), 422, "invalid_field", "run"),
-    (_reference(job__namespace=_DELETE), 422, "invalid_field", "job:namespace"),
-    (_reference(job__name=_DELETE), 422, "invalid_field", "job:name"),
+    (_reference(job__namespace=_DELETE), 422, "invalid_field", "job.namespace:namespace"),
+    (_reference(job__name=_DELETE), 422, "invalid_field", "job.name:name"),
     (_reference(job__name=""), 422, "invalid_field", "job.name"),
     (_reference(job__namespace="a\nb"), 422, "invalid_field", "job.namespace"),
     (_reference(outputs__0__outputFacets__outputStatistics__rowCount=-1), 422, "invalid_field",
