@@ -9,11 +9,15 @@ replays what is left of the log. All methods are blocking; the caller runs them 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
 
 log = logging.getLogger("pipemon.storage")
+# Fault injection for tests where a read-only or full file system cannot be mounted: while the file named by
+# this variable exists, every write fails as if the disk were full ("full") or read-only (anything else).
+FAULT_ENV = "PIPEMON_STORAGE_FAULT"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (name TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
@@ -30,6 +34,7 @@ class Storage:
         self.path = path
         self.sync = sync
         self._db: sqlite3.Connection | None = None
+        self._fault_file = os.environ.get(FAULT_ENV) or None
 
     def open(self) -> tuple[list[tuple[str, bytes]], list[bytes]]:
         """Open (or create) the database; returns the checkpoint snapshots and the log to replay."""
@@ -82,6 +87,8 @@ class Storage:
 
     def _write(self, work) -> None:
         try:
+            if self._fault_file is not None:
+                self._injected_fault()
             db = self._db or self._reconnect()
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -94,6 +101,14 @@ class Storage:
             # Reconnect next time: a file system that went read-only or full may leave the handle unusable.
             self.close()
             raise StorageError(str(exc)) from exc
+
+    def _injected_fault(self) -> None:
+        try:
+            kind = Path(self._fault_file).read_text().strip()
+        except OSError:
+            return
+        raise sqlite3.OperationalError("database or disk is full (injected)" if kind == "full"
+                                       else "attempt to write a readonly database (injected)")
 
     def _reconnect(self) -> sqlite3.Connection:
         self._open_connection_only()
