@@ -25,6 +25,7 @@ from pipemon.registry import Registry, RegistryError, load_registry, parse_regis
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.state import PipelineState
 from pipemon.storage import Storage, StorageError
+from pipemon.webconfig import WebConfig
 
 log = logging.getLogger("pipemon")
 EXPORTER_KEY = web.AppKey("exporter", "Exporter")
@@ -289,11 +290,12 @@ async def get_landing(request: web.Request) -> web.Response:
     return web.Response(text=LANDING_PAGE.format(version=__version__), content_type="text/html")
 
 
-def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callable[[], float] = time.time
-               ) -> web.Application:
+def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callable[[], float] = time.time,
+               web_config: WebConfig | None = None) -> web.Application:
     exporter = Exporter(config, clock)
     exporter.tokens = tokens
-    app = web.Application(client_max_size=config.max_body_bytes)
+    middlewares = [web_config.middleware()] if web_config is not None and web_config.users else []
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[EXPORTER_KEY] = exporter
     app.router.add_get("/", get_landing)
     app.router.add_get("/metrics", get_metrics)

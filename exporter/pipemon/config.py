@@ -17,6 +17,7 @@ class ServeConfig:
     registry: Path | None = None
     state_dir: Path = Path("pipemon-state")
     tokens: Path | None = None
+    web_config: Path | None = None
     log_level: str = "info"
     max_pipelines: int = 20_000
     max_body_bytes: int = 10 * 1024 * 1024
@@ -36,6 +37,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--registry", "PIPEMON_REGISTRY", "registry", Path, "ownership registry (pipelines.yaml)"),
     ("--state-dir", "PIPEMON_STATE_DIR", "state_dir", Path, "directory of the SQLite state"),
     ("--tokens", "PIPEMON_TOKENS", "tokens", Path, "tokens file; without one, writes are open to anyone"),
+    ("--web-config", "PIPEMON_WEB_CONFIG", "web_config", Path,
+     "exporter-toolkit web config: TLS (tls_server_config) and basic auth on /metrics (basic_auth_users)"),
     ("--log-level", "PIPEMON_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     ("--max-pipelines", "PIPEMON_MAX_PIPELINES", "max_pipelines", int, "cap on tracked pipelines"),
     ("--max-body-bytes", "PIPEMON_MAX_BODY_BYTES", "max_body_bytes", int, "largest request body accepted"),

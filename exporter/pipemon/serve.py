@@ -14,6 +14,7 @@ from pipemon.app import EXPORTER_KEY, create_app
 from pipemon.auth import TokensError, load_tokens
 from pipemon.config import ServeConfig, add_serve_arguments, config_from_args
 from pipemon.registry import RegistryError
+from pipemon.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("pipemon")
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(config)
-    except (RegistryError, TokensError) as exc:
+    except (RegistryError, TokensError, WebConfigError) as exc:
         log.error("%s", exc)
         return 1
 
@@ -42,7 +43,12 @@ def serve(config: ServeConfig) -> int:
         log.warning("no tokens file (--tokens): anyone who reaches %s:%d can report runs", config.host, config.port)
     else:
         log.info("%d tokens loaded from %s", len(tokens), config.tokens)
-    app = create_app(config, tokens)
+    web_config = load_web_config(config.web_config) if config.web_config else None
+    if web_config is not None:
+        log.info("web config %s: TLS %s, basic auth on /metrics %s", config.web_config,
+                 "on" if web_config.tls else "off", f"for {len(web_config.users)} users" if web_config.users else "off")
+    app = create_app(config, tokens, web_config=web_config)
+    ssl_context = web_config.ssl_context() if web_config is not None else None
     try:
         import uvloop
 
@@ -60,9 +66,10 @@ def serve(config: ServeConfig) -> int:
                 log.error("registry not reloaded, the previous one stays: %s", exc)
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
-        log.info("pipemon listening on http://%s:%d (state in %s)", config.host, config.port, config.state_dir)
+        log.info("pipemon listening on %s://%s:%d (state in %s)", "https" if ssl_context else "http", config.host,
+                 config.port, config.state_dir)
 
     app.on_startup.append(on_startup)
     web.run_app(app, host=config.host, port=config.port, print=None,
-                access_log=log if config.access_log else None, shutdown_timeout=10)
+                access_log=log if config.access_log else None, shutdown_timeout=10, ssl_context=ssl_context)
     return 0
