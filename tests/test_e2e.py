@@ -7,7 +7,9 @@ one-hour repeat interval), and that escalation holds back the lower severity.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,6 +115,22 @@ def wait_scraped(prom: str, timeout: float = 30) -> None:
     raise TimeoutError("Prometheus never scraped the exporter")
 
 
+def exporter_pid(stack_dir: Path) -> int:
+    found = subprocess.run(["pgrep", "-f", "--", f"--state-dir {stack_dir / 'exporter'}"], capture_output=True, text=True)
+    pids = found.stdout.split()
+    assert len(pids) == 1, f"expected one exporter process, found {pids}"
+    return int(pids[0])
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -165,6 +184,16 @@ def test_events_become_notifications_for_the_right_team(tmp_path: Path) -> None:
         counts = {k: sum(1 for d in final if d[0] == k) for k in EXPECTED}
         assert counts == dict.fromkeys(EXPECTED, 1), counts
         assert not HELD_BACK & {d[0] for d in final}, "an inhibited alert was delivered"
+
+        # Last, since it blinds every pipeline alert: a frozen exporter (scrapes time out) pages the default
+        # receiver, which is where the exporter's own alerts (team "platform", not a registry team) go.
+        frozen_at = time.time()
+        with frozen(exporter_pid(tmp_path / "stack")):
+            down = ("PipelineExporterDown", "", "critical")
+            while time.time() < frozen_at + 30 and down not in {d[0] for d in firing_deliveries(sink)}:
+                time.sleep(0.5)
+        assert [d[1] for d in firing_deliveries(sink) if d[0] == down] == ["default"]
+        print(f"exporter frozen -> PipelineExporterDown delivered in {time.time() - frozen_at:.1f}s")
     finally:
         stack.send_signal(signal.SIGINT)  # what Ctrl-C does
         stack.wait(60)
