@@ -46,6 +46,7 @@ bench: install
 render: install
 	$(BIN)/pipemon render-rules
 	$(BIN)/pipemon render-alertmanager
+	$(BIN)/python grafana/generate.py
 
 clean:
 	rm -rf $(VENV) pipemon-state .pytest_cache
