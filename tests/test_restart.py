@@ -73,3 +73,18 @@ async def test_state_dir_is_created(exporter_client, config, tmp_path):
     client = await exporter_client(cfg)
     assert (await client.post("/api/v1/runs", data=json.dumps(run("orders_daily", "a")))).status == 200
     assert state_path(cfg.state_dir).exists()
+
+
+async def test_after_a_restart_the_team_follows_the_registry(exporter_client, config, tmp_path):
+    registry = tmp_path / "reg.yaml"
+    registry.write_text("teams:\n  a: {}\n  b: {}\npipelines:\n  - {match: job, team: a}\n")
+    cfg = dataclasses.replace(config, registry=registry)
+    client = await exporter_client(cfg)
+    await client.post("/api/v1/runs", data=json.dumps(run("job", "1")))
+    await client.close()
+    registry.write_text("teams:\n  a: {}\n  b: {}\npipelines:\n  - {match: job, team: b}\n")
+    again = await exporter_client(cfg)
+    text = await (await again.get("/metrics")).text()
+    assert value(text, "pipeline_runs_total", pipeline="job", team="b", status="success") == 1
+    assert ("pipeline_runs_total", frozenset({("pipeline", "job"), ("team", "a"), ("status", "success")})) \
+        not in samples(text)

@@ -44,7 +44,6 @@ class _Submission:
     done: asyncio.Future[list[str]]
 
 
-_STOP = _Submission([], None)  # type: ignore[arg-type]  # queued by close(): the writer's last item
 
 
 class Recorder:
@@ -56,7 +55,10 @@ class Recorder:
         self.settings = settings
         self.clock = clock
         self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window)
-        self._queue: asyncio.Queue[_Submission] = asyncio.Queue()
+        # Submissions wait in a plain list; the writer takes all of them at once (a group commit).
+        self._pending: list[_Submission] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipemon-storage")
         self._tasks: list[asyncio.Task[None]] = []
         self._since_checkpoint = 0
@@ -74,13 +76,14 @@ class Recorder:
                  len(self.pipelines), len(snapshots), len(records))
 
     async def close(self) -> None:
-        """Finish every queued write, checkpoint and close. The writer is stopped by a sentinel, never
+        """Finish every queued write, checkpoint and close. The writer is stopped by a flag, never
         cancelled, so a group that is committed is always applied before the checkpoint empties the log."""
         writer, sweeper = self._tasks
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
-        self._queue.put_nowait(_STOP)
+        self._stopping = True
+        self._wake.set()
         await writer
         try:
             await self._checkpoint()
@@ -97,9 +100,15 @@ class Recorder:
                 log.error("checkpoint of pipeline %r is unreadable (%s): it starts from zero", name, exc)
                 continue
             state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size)
+            state.team = state.spec.team  # the registry may have moved the pipeline meanwhile
             self.pipelines.by_name[name] = state
         for blob in records:
-            self.pipelines.apply(RECORD_DECODER.decode(blob), self.spec_for)
+            try:
+                record = RECORD_DECODER.decode(blob)
+            except msgspec.DecodeError as exc:
+                log.error("skipping an unreadable record of the log (%s)", exc)
+                continue
+            self.pipelines.apply(record, self.spec_for)
         self.pipelines.dirty.clear()
         self.pipelines.dirty.update(self.pipelines.by_name)  # the next checkpoint folds the replayed log
 
@@ -135,25 +144,21 @@ class Recorder:
     async def submit(self, records: list[Record]) -> list[str]:
         """Commit and apply records; returns "accepted"/"duplicate" per record or raises StorageError."""
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Submission(records, done))
+        self._pending.append(_Submission(records, done))
+        self._wake.set()
         return await done
 
     async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            try:
-                first = await asyncio.wait_for(self._queue.get(), self.settings.checkpoint_interval)
-            except TimeoutError:
-                first = None
-            group = [] if first is None else [first]
-            while not self._queue.empty():
-                group.append(self._queue.get_nowait())
-            stopping = _STOP in group
-            group = [sub for sub in group if sub is not _STOP]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.checkpoint_interval)
+            self._wake.clear()
+            group, self._pending = self._pending, []
             if group:
                 await self._commit_group(group)
-            if not stopping:
-                await self._maybe_checkpoint()
+            if self._stopping and not self._pending:
+                return  # close() takes the final checkpoint
+            await self._maybe_checkpoint()
 
     async def _commit_group(self, group: list[_Submission]) -> None:
         blobs = [RECORD_ENCODER.encode(r) for sub in group for r in sub.records]
