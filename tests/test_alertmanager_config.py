@@ -134,7 +134,7 @@ def test_receivers_per_team() -> None:
     # ml-platform's generic webhook gets every severity.
     for kind in ("pager", "slack", "info"):
         hooks = receivers[f"ml-platform-{kind}"]["webhook_configs"]
-        assert hooks == [{"url": "http://127.0.0.1:9099/hooks/ml-platform", "send_resolved": True}]
+        assert hooks == [{"url": "https://ml-bot.example.com/hooks/pipemon", "send_resolved": True}]
 
 
 def test_dedup_and_repeat_intervals() -> None:
