@@ -17,7 +17,7 @@ from pipemon.auth import Principal, Tokens
 from pipemon.config import ServeConfig
 from pipemon.events import Finish, Forget, RunFinished, RunStarted, Start, finished_record, started_record
 from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
-from pipemon.ingest import Admission, Rejection, decode_item, split_items, to_record
+from pipemon.ingest import Admission, Rejection, decode_batch, decode_item, split_items, to_record
 from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
 from pipemon.recorder import Recorder, RecorderSettings, state_path
@@ -105,7 +105,9 @@ class Exporter:
         if not batch:
             result = results[0]
             return json_response(result, result.get("code", 200))
-        summary = {s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")}
+        summary = dict.fromkeys(("accepted", "duplicate", "rejected"), 0)
+        for result in results:
+            summary[result["status"]] += 1
         return json_response({**summary, "results": results})
 
     async def _ingest_items(self, items: list, wire_type: type, convert: Converter,
@@ -114,9 +116,11 @@ class Exporter:
         results: list[dict[str, Any]] = []
         records: list[Start | Finish] = []
         slots: list[int] = []
-        for raw in items:
+        decoded = decode_batch(items, wire_type) if len(items) > 1 else None
+        for index, raw in enumerate(items):
             try:
-                record = to_record(decode_item(raw, wire_type), convert)
+                event = decode_item(raw, wire_type) if decoded is None else decoded[index]
+                record = to_record(event, convert)
                 if record is None:  # valid, and nothing to record (OpenLineage RUNNING/OTHER)
                     results.append({"status": "accepted"})
                     continue
@@ -129,7 +133,7 @@ class Exporter:
             result = {"status": "duplicate", "pipeline": record.pipeline, "run_id": record.run_id}
             results.append(result)
             if not admission.is_retry(record):
-                records.append(msgspec.structs.replace(record, team=team))
+                records.append(record if record.team == team else msgspec.structs.replace(record, team=team))
                 slots.append(len(results) - 1)
         if records:
             try:

@@ -8,6 +8,7 @@ restart rebuilds exactly the state that was acknowledged.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -60,6 +61,32 @@ class RunStarted(msgspec.Struct, forbid_unknown_fields=True):
     run_id: RunId
     started_at: Timestamp | None = None
     team: TeamName | None = None
+
+
+# Batches are decoded at once into these subclasses, which check the names' lengths but not their pattern
+# (a regex call per field is most of the decoding cost); `unchecked_names` then checks the pattern's rule for
+# the whole batch in one call. A batch that breaks it is decoded again item by item with the full types.
+UncheckedName = Annotated[str, msgspec.Meta(min_length=1, max_length=PIPELINE_NAME_MAX)]
+UncheckedRunId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")  # what PIPELINE_NAME_PATTERN excludes
+
+
+class _RunFinishedBatchItem(RunFinished, forbid_unknown_fields=True):
+    pipeline: UncheckedName
+    run_id: UncheckedRunId
+
+
+class _RunStartedBatchItem(RunStarted, forbid_unknown_fields=True):
+    pipeline: UncheckedName
+    run_id: UncheckedRunId
+
+
+BATCH_ITEM_TYPES: dict[type, type] = {RunFinished: _RunFinishedBatchItem, RunStarted: _RunStartedBatchItem}
+
+
+def names_match_pattern(events: list[RunFinished] | list[RunStarted]) -> bool:
+    """Whether every pipeline and run id of decoded batch items obeys PIPELINE_NAME_PATTERN."""
+    return _CONTROL_CHARACTER.search("".join([e.pipeline + e.run_id for e in events])) is None
 
 
 # ---- stored records ----------------------------------------------------------------------------------

@@ -26,6 +26,15 @@ from pipemon.storage import Storage, StorageError
 
 log = logging.getLogger("pipemon.recorder")
 SNAPSHOT_DECODER = msgspec.msgpack.Decoder(Snapshot)
+GROUP_DECODER = msgspec.msgpack.Decoder(list[Record])
+
+
+def decode_log_row(blob: bytes) -> list[Record]:
+    """The records of one log row: a committed group, or one record (the format before groups)."""
+    try:
+        return GROUP_DECODER.decode(blob)
+    except msgspec.DecodeError:
+        return [RECORD_DECODER.decode(blob)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +113,12 @@ class Recorder:
             self.pipelines.by_name[name] = state
         for blob in records:
             try:
-                record = RECORD_DECODER.decode(blob)
+                rows = decode_log_row(blob)
             except msgspec.DecodeError as exc:
                 log.error("skipping an unreadable record of the log (%s)", exc)
                 continue
-            self.pipelines.apply(record, self.spec_for)
+            for record in rows:
+                self.pipelines.apply(record, self.spec_for)
         self.pipelines.dirty.clear()
         self.pipelines.dirty.update(self.pipelines.by_name)  # the next checkpoint folds the replayed log
 
@@ -161,19 +171,21 @@ class Recorder:
             await self._maybe_checkpoint()
 
     async def _commit_group(self, group: list[_Submission]) -> None:
-        blobs = [RECORD_ENCODER.encode(r) for sub in group for r in sub.records]
+        # The whole group is one row of the log (a msgpack array of records): one insert per commit.
+        records = [r for sub in group for r in sub.records]
+        blob = RECORD_ENCODER.encode(records)
         started = time.perf_counter()
         try:
-            await self._in_thread(self.storage.append, blobs)
+            await self._in_thread(self.storage.append, [blob])
         except StorageError as exc:
             self.metrics.storage_errors.inc()
-            log.error("could not store %d records: %s", len(blobs), exc)
+            log.error("could not store %d records: %s", len(records), exc)
             for sub in group:
                 if not sub.done.done():
                     sub.done.set_exception(StorageError(str(exc)))
             return
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._since_checkpoint += len(blobs)
+        self._since_checkpoint += len(records)
         for sub in group:
             outcomes = [self.pipelines.apply(r, self.spec_for) for r in sub.records]
             if not sub.done.done():

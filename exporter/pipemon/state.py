@@ -6,6 +6,7 @@ storage rebuild the state after a restart by replaying its log on top of the las
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -96,11 +97,13 @@ class PipelineState:
     # ---- persistence ---------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
+        """The persisted form; it shares this state's dicts (no copies of the dedup window), so encode it
+        before the state changes again."""
         return Snapshot(
             self.name, self.team, self.runs_success, self.runs_failure, list(self.bucket_counts),
             self.duration_sum, self.duration_count, self.records_total, self.last_run_ts, self.last_success_ts,
             self.last_run_success, self.last_run_duration, self.last_run_records, self.last_run_throughput,
-            self.consecutive_failures, dict(self.in_progress), list(self.ring), self.pending, dict(self.seen),
+            self.consecutive_failures, self.in_progress, list(self.ring), self.pending, self.seen,
         )
 
     @classmethod
@@ -272,7 +275,7 @@ def _throughput(records: int | None, duration: float | None) -> float:
 
 
 def _bucket_index(duration: float) -> int:
-    for i, bound in enumerate(DURATION_BUCKETS):
-        if duration <= bound:
-            return i
-    return len(DURATION_BUCKETS)
+    """The first bucket whose bound is >= duration (NaN: the +Inf bucket)."""
+    if duration != duration:
+        return len(DURATION_BUCKETS)
+    return bisect.bisect_left(DURATION_BUCKETS, duration)
