@@ -24,7 +24,7 @@ _ERROR = {
 _RESULT = {
     "type": "object",
     "required": ["status"],
-    "properties": {"status": {"enum": ["accepted", "duplicate", "rejected"]}, "pipeline": {"type": "string"},
+    "properties": {"status": {"enum": ["accepted", "duplicate"]}, "pipeline": {"type": "string"},
                    "run_id": {"type": "string"}},
 }
 _BATCH_RESULT = {
