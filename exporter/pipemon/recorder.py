@@ -42,7 +42,7 @@ class RecorderSettings:
     baseline_size: int = 30
     dedup_window: int = 1000
     checkpoint_interval: float = 10.0  # seconds between checkpoints while records arrive
-    checkpoint_records: int = 100_000  # or after this many records, whichever comes first
+    checkpoint_records: int = 500_000  # or after this many records, whichever comes first (bounds the replay)
     sweep_interval: float = 30.0  # how often to look for abandoned runs
     abandon_after_factor: float = 3.0  # a run in progress this many max runtimes is abandoned
 
