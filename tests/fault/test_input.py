@@ -73,7 +73,11 @@ def assert_exposition_round_trips(conn: Conn) -> dict:
     text = conn.metrics()
     parsed = samples(text)  # raises on a broken line
     labels = {dict(lab)["pipeline"] for (name, lab), _ in parsed.items() if name.startswith("pipeline_")}
-    assert labels == conn.pipeline_names()
+    names = conn.pipeline_names()
+    assert labels == names
+    for name in names:  # and escaped exactly as the text format says (a lenient parser forgives a lone backslash)
+        escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        assert f'{{pipeline="{escaped}",' in text, f"pipeline {name!r} is not escaped right in /metrics"
     return {k: repr(v) for k, v in parsed.items() if k[0].startswith("pipeline_")}
 
 
@@ -108,9 +112,15 @@ FIELDS = {
     "records_processed": st.integers(-(2**65), 2**65) | VALUE, "started_at": TIMESTAMP, "finished_at": TIMESTAMP,
     "team": st.sampled_from(["alpha", "beta", "nope"]) | NASTY,
 }
-EVENT = st.fixed_dictionaries({}, optional={**FIELDS, "extra": VALUE}) | st.fixed_dictionaries(
-    {"pipeline": NASTY, "run_id": NASTY, "status": st.sampled_from(["success", "failure"]),
-     "duration_seconds": st.floats(0, 1e6)}, optional={"records_processed": st.integers(0, 10**9), "team": NASTY})
+# Label values made of what the exposition format must escape (backslash, quote, newline) and what looks like
+# its syntax: most of these are valid pipeline names, so they reach /metrics.
+LABELISH = st.text(alphabet=st.sampled_from(["\\", '"', "n", "\n", "{", "}", "=", ",", " ", "#", "a", "é", "\u2028"]),
+                   min_size=1, max_size=12)
+VALID = st.fixed_dictionaries(
+    {"pipeline": LABELISH | NASTY, "run_id": st.text(string.ascii_letters, min_size=1, max_size=8) | NASTY,
+     "status": st.sampled_from(["success", "failure"]), "duration_seconds": st.floats(0, 1e6)},
+    optional={"records_processed": st.integers(0, 10**9), "team": st.sampled_from(["alpha", "beta"]) | NASTY})
+EVENT = st.fixed_dictionaries({}, optional={**FIELDS, "extra": VALUE}) | VALID
 
 
 @st.composite
