@@ -471,14 +471,14 @@ def measure_metrics(report: Report, pm: Pipemon, pg: Pushgateway | None, s: Sett
 class Scraper:
     """Fetches /metrics back to back, as Prometheus would at an absurd scrape rate, until stopped."""
 
-    def __init__(self, url: str) -> None:
-        self.url, self.count = url, 0
+    def __init__(self, url: str, gzip: bool = True) -> None:
+        self.url, self.count, self.gzip = url, 0, gzip
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         headers = {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
-                   "Accept-Encoding": "gzip"}
+                   "Accept-Encoding": "gzip" if self.gzip else "identity"}
         while not self._stop.is_set():
             fetch(self.url, "/metrics", headers)
             self.count += 1

@@ -21,7 +21,9 @@ from pipemon.state import DURATION_BUCKETS, Pipelines, PipelineState
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-RERENDER_CHUNK = 500  # pipelines re-rendered between two yields to the event loop
+RERENDER_CHUNK = 100  # pipelines re-rendered between two yields to the event loop (~5 ms)
+SEGMENT = 250  # pipelines per cached segment of the body
+JOIN_IN_THREAD = 1 << 20  # bodies at least this large are joined in a thread
 
 
 @dataclass(frozen=True)
@@ -128,38 +130,60 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
 
 
 class MetricsRenderer:
-    """Renders `/metrics`, re-rendering only the pipelines whose state changed since they were cached."""
+    """Renders `/metrics`, re-rendering only the pipelines whose state changed since they were cached.
+
+    Pipelines are cut into segments of SEGMENT (in the order they are tracked); each segment keeps its
+    blocks joined per family, so a scrape where few pipelines changed re-joins only their segments and
+    then joins a few hundred parts. Every step that grows with the pipelines yields to the event loop
+    between chunks, and the final join (tens of MiB) runs in a thread (bytes.join releases the GIL on
+    large bodies), so a scrape never stalls ingest for long.
+    """
 
     def __init__(self, pipelines: Callable[[], Pipelines], own_registry: CollectorRegistry) -> None:
         self._pipelines = pipelines
         self._own_registry = own_registry
         self._cache: dict[str, tuple[PipelineState, int, tuple[bytes, ...]]] = {}
+        self._segments: list[tuple[list[PipelineState], list[int], list[bytes]]] = []
 
     async def render(self, openmetrics: bool) -> bytes:
-        blocks = await self._pipeline_blocks()
+        segments = await self._segment_chunks()
         parts: list[bytes] = []
         for index, family in enumerate(FAMILIES):
             parts.append(family.header(openmetrics))
-            parts.extend(b[index] for b in blocks)
+            parts.extend(chunks[index] for chunks in segments)
         if openmetrics:
-            own = om_exposition.generate_latest(self._own_registry)
-            parts.append(own)  # already ends with "# EOF"
+            parts.append(om_exposition.generate_latest(self._own_registry))  # already ends with "# EOF"
         else:
             parts.append(text_exposition.generate_latest(self._own_registry))
-        return b"".join(parts)
+        if sum(len(p) for p in parts) < JOIN_IN_THREAD:
+            return b"".join(parts)
+        return await asyncio.get_running_loop().run_in_executor(None, b"".join, parts)
 
-    async def _pipeline_blocks(self) -> list[tuple[bytes, ...]]:
+    async def _segment_chunks(self) -> list[list[bytes]]:
+        """Per segment of pipelines, their sample lines joined per family (FAMILIES order)."""
         states = list(self._pipelines())
-        cache, fresh, rerendered = self._cache, {}, 0
-        result = []
-        for state in states:
-            cached = cache.get(state.name)
-            if cached is None or cached[0] is not state or cached[1] != state.version:
-                cached = (state, state.version, pipeline_blocks(state))
-                rerendered += 1
-                if rerendered % RERENDER_CHUNK == 0:
-                    await asyncio.sleep(0)  # a full re-render must not stall ingest
-            fresh[state.name] = cached
-            result.append(cached[2])
-        self._cache = fresh  # drops pipelines that are gone
-        return result
+        versions = [state.version for state in states]
+        old, fresh = self._segments, []
+        rerendered = 0
+        for number, start in enumerate(range(0, len(states), SEGMENT)):
+            seg_states, seg_versions = states[start:start + SEGMENT], versions[start:start + SEGMENT]
+            segment = old[number] if number < len(old) else None
+            # Versions are read before rendering: a segment is at least as new as it claims to be.
+            if segment is None or segment[1] != seg_versions or segment[0] != seg_states:
+                blocks = []
+                for state in seg_states:
+                    cached = self._cache.get(state.name)
+                    if cached is None or cached[0] is not state or cached[1] != state.version:
+                        cached = self._cache[state.name] = (state, state.version, pipeline_blocks(state))
+                        rerendered += 1
+                        if rerendered % RERENDER_CHUNK == 0:
+                            await asyncio.sleep(0)  # a full re-render must not stall ingest
+                    blocks.append(cached[2])
+                segment = (seg_states, seg_versions, [b"".join([b[i] for b in blocks]) for i in range(len(FAMILIES))])
+                await asyncio.sleep(0)
+            fresh.append(segment)
+        self._segments = fresh
+        if len(self._cache) > len(states):  # drop pipelines that are gone
+            names = {state.name for state in states}
+            self._cache = {name: entry for name, entry in self._cache.items() if name in names}
+        return [segment[2] for segment in fresh]
