@@ -152,8 +152,8 @@ def _wrong_tokens() -> dict[str, str]:
 
 def test_timing_of_a_wrong_token_does_not_depend_on_how_much_of_it_matched():
     """In-process, where nanoseconds are measurable: Tokens.identify over 50 configured tokens. Each case runs
-    in 80 shuffled rounds of 100 calls; the fastest round of each case is compared (the minimum is what the code
-    costs, the rest is the other engineer's benchmark and the scheduler)."""
+    in 100 shuffled rounds of 50 calls; the fastest round of each case is compared (the minimum is what the code
+    costs, the rest is other load and the scheduler). Up to five attempts; one within 3% passes."""
     entries = [TokenEntry(name=f"t{i}", sha256=hash_token(LONG if i == 25 else f"{LONG}{i}").hex(), team="alpha")
                for i in range(50)]
     tokens = Tokens(entries)
@@ -161,22 +161,29 @@ def test_timing_of_a_wrong_token_does_not_depend_on_how_much_of_it_matched():
     headers = {k: f"Bearer {v}" for k, v in _wrong_tokens().items() if k != "shorter"}
     for header in headers.values():
         assert tokens.identify(header) is None
+    spreads = []
+    for attempt in range(5):  # a real leak shows in every attempt; a burst of machine noise in one at most
+        fastest = _fastest_ns(tokens, headers, random.Random(attempt))
+        base = fastest["matches nothing"]
+        spreads.append(max(abs(m - base) / base for m in fastest.values()))
+        print("\n" + ", ".join(f"{c}: {m / 1000:.2f} µs" for c, m in fastest.items()) + f"; spread {spreads[-1]:.2%}")
+        if spreads[-1] < 0.03:
+            break
+    assert min(spreads) < 0.03, spreads
+
+
+def _fastest_ns(tokens: Tokens, headers: dict[str, str], rng: random.Random) -> dict[str, float]:
     rounds: dict[str, list[float]] = {k: [] for k in headers}
-    rng = random.Random(7)
-    for _ in range(80):
+    for _ in range(100):
         order = list(headers)
         rng.shuffle(order)
         for case in order:
             header, identify = headers[case], tokens.identify
             start = time.perf_counter_ns()
-            for _ in range(100):
+            for _ in range(50):
                 identify(header)
-            rounds[case].append((time.perf_counter_ns() - start) / 100)
-    fastest = {case: min(v) for case, v in rounds.items()}
-    base = fastest["matches nothing"]
-    spread = max(abs(m - base) / base for m in fastest.values())
-    print("\n" + ", ".join(f"{c}: {m / 1000:.2f} µs" for c, m in fastest.items()) + f"; spread {spread:.2%}")
-    assert spread < 0.03, fastest
+            rounds[case].append((time.perf_counter_ns() - start) / 50)
+    return {case: min(v) for case, v in rounds.items()}
 
 
 def test_timing_over_http_does_not_depend_on_how_much_of_the_token_matched(tmp_path):
