@@ -469,10 +469,11 @@ def measure_metrics(report: Report, pm: Pipemon, pg: Pushgateway | None, s: Sett
 
 
 class Scraper:
-    """Fetches /metrics back to back, as Prometheus would at an absurd scrape rate, until stopped."""
+    """Fetches /metrics as Prometheus does (OpenMetrics, gzip) every `interval` seconds, or back to back
+    (interval 0), until stopped."""
 
-    def __init__(self, url: str, gzip: bool = True) -> None:
-        self.url, self.count, self.gzip = url, 0, gzip
+    def __init__(self, url: str, gzip: bool = True, interval: float = 0.0) -> None:
+        self.url, self.count, self.gzip, self.interval = url, 0, gzip, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -480,8 +481,10 @@ class Scraper:
         headers = {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
                    "Accept-Encoding": "gzip" if self.gzip else "identity"}
         while not self._stop.is_set():
+            started = time.monotonic()
             fetch(self.url, "/metrics", headers)
             self.count += 1
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def __enter__(self) -> Scraper:
         self._thread.start()
