@@ -9,10 +9,14 @@ The exporter's own `pipemon_*` metrics come from prometheus-client's exposition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -150,6 +154,13 @@ def gzip_from_pieces(raw: list[bytes], pieces: list[bytes]) -> bytes:
     return b"".join([GZIP_HEADER, *pieces, DEFLATE_END, struct.pack("<LL", crc, size & 0xFFFFFFFF)])
 
 
+def _lower_priority() -> None:
+    """In each render thread: a lower CPU priority (nice 10), so that when the event loop and the
+    compression of a scrape both want the CPU, ingest wins. Best effort."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class _Segment:
     """Consecutive pipelines: the states and versions it was joined from, its sample lines per family, and
     (once a scrape asked for gzip) each family's lines as a deflate piece."""
@@ -181,6 +192,8 @@ class MetricsRenderer:
         self._own_registry = own_registry
         self._cache: dict[str, tuple[PipelineState, int, tuple[bytes, ...]]] = {}
         self._segments: list[_Segment] = []
+        self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipemon-render",
+                                           initializer=_lower_priority)
         self._deflated_headers = {openmetrics: [deflate_piece(f.header(openmetrics)) for f in FAMILIES]
                                   for openmetrics in (False, True)}
 
@@ -198,7 +211,7 @@ class MetricsRenderer:
         parts.append(self._own(openmetrics))
         if sum(len(p) for p in parts) < JOIN_IN_THREAD:
             return b"".join(parts)
-        return await asyncio.get_running_loop().run_in_executor(None, b"".join, parts)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, b"".join, parts)
 
     async def render_gzip(self, openmetrics: bool) -> bytes:
         """The body gzip-compressed (one member), from the segments' cached deflate pieces."""
@@ -207,7 +220,7 @@ class MetricsRenderer:
         for start in range(0, len(segments), 8):  # compress what changed, a few segments per thread hop
             todo = [segment for segment in segments[start:start + 8] if segment.deflated is None]
             if todo:
-                await loop.run_in_executor(None, lambda todo=todo: [segment.deflate() for segment in todo])
+                await loop.run_in_executor(self._threads, lambda todo=todo: [segment.deflate() for segment in todo])
         raw: list[bytes] = []
         pieces: list[bytes] = []
         headers = self._deflated_headers[openmetrics]
@@ -220,7 +233,7 @@ class MetricsRenderer:
         own = self._own(openmetrics)
         raw.append(own)
         pieces.append(deflate_piece(own))
-        return await loop.run_in_executor(None, gzip_from_pieces, raw, pieces)
+        return await loop.run_in_executor(self._threads, gzip_from_pieces, raw, pieces)
 
     async def _current_segments(self) -> list[_Segment]:
         """The segments of the current pipelines, re-joining those where a pipeline changed."""

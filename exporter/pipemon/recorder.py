@@ -26,6 +26,7 @@ from pipemon.storage import Storage, StorageError
 
 log = logging.getLogger("pipemon.recorder")
 SNAPSHOT_DECODER = msgspec.msgpack.Decoder(Snapshot)
+CHECKPOINT_CHUNK = 200  # snapshots encoded between two yields to the event loop
 GROUP_DECODER = msgspec.msgpack.Decoder(list[Record])
 
 
@@ -202,11 +203,17 @@ class Recorder:
 
     async def _checkpoint(self) -> None:
         pipelines = self.pipelines
-        dirty, forgotten = set(pipelines.dirty), set(pipelines.forgotten)
-        snapshots = [(name, msgspec.msgpack.encode(pipelines.by_name[name].snapshot()))
-                     for name in dirty if name in pipelines.by_name]
-        pipelines.dirty.clear()
-        pipelines.forgotten.clear()
+        # Take the sets: whatever changes while the snapshots are encoded (a registry reload; records are
+        # not applied meanwhile, the writer is here) belongs to the next checkpoint.
+        dirty, pipelines.dirty = pipelines.dirty, set()
+        forgotten, pipelines.forgotten = pipelines.forgotten, set()
+        snapshots = []
+        for count, name in enumerate(dirty, 1):
+            state = pipelines.by_name.get(name)
+            if state is not None:
+                snapshots.append((name, msgspec.msgpack.encode(state.snapshot())))
+            if count % CHECKPOINT_CHUNK == 0:
+                await asyncio.sleep(0)  # thousands of snapshots must not stall the event loop in one go
         try:
             await self._in_thread(self.storage.checkpoint, snapshots, sorted(forgotten))
         except StorageError:
