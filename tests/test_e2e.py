@@ -116,7 +116,8 @@ def wait_scraped(prom: str, timeout: float = 30) -> None:
 
 
 def exporter_pid(stack_dir: Path) -> int:
-    found = subprocess.run(["pgrep", "-f", "--", f"--state-dir {stack_dir / 'exporter'}"], capture_output=True, text=True)
+    pattern = f"--state-dir {stack_dir / 'exporter'}"
+    found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
     pids = found.stdout.split()
     assert len(pids) == 1, f"expected one exporter process, found {pids}"
     return int(pids[0])
