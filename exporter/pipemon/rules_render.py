@@ -90,6 +90,7 @@ class RulesConfig(msgspec.Struct, forbid_unknown_fields=True):
     events_rejected: EventsRejected
     thresholds: dict[str, float]
     for_: ForDurations = msgspec.field(name="for")
+    keep_firing_for: Duration = "0s"
 
 
 class ConfigError(ValueError):
@@ -329,10 +330,10 @@ def _alert(config: RulesConfig, name: str, severity: str, expr: str, summary: st
     dashboard = config.links.dashboard
     if pipeline:
         dashboard += "?var-pipeline={{ $labels.pipeline | urlquery }}"
-    return {
-        "alert": name,
-        "expr": expr,
-        "for": config.for_.of(name),
+    rule: dict[str, Any] = {"alert": name, "expr": expr, "for": config.for_.of(name)}
+    if pipeline and parse_duration(config.keep_firing_for) > 0:
+        rule["keep_firing_for"] = format_duration(parse_duration(config.keep_firing_for))
+    return rule | {
         "labels": labels,
         "annotations": {
             "summary": summary,
