@@ -674,7 +674,14 @@ def main() -> int:
                 measure_ingest(report, pm, pg, s)
             if "metrics" in parts:
                 measure_metrics(report, pm, pg, s)
-            if "latency" in parts:
+        if "latency" in parts:
+            # Fresh exporters holding one run per pipeline: the figure is about scrapes disturbing ingest.
+            # (After the figures above pipemon holds ~180 run ids per pipeline in its dedup windows, and its
+            # 10 s checkpoints stall commits for hundreds of ms: see bench/README.md.)
+            with systems(directory / "latency", series, want_pg) as (pm, pg):
+                pm.send_runs(range(s.pipelines), "fill")
+                if pg is not None:
+                    pg.send_runs(range(s.pipelines), "fill")
                 measure_latency(report, pm, pg, s)
         if "scaling" in parts:
             (directory / "scale").mkdir()
