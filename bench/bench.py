@@ -225,6 +225,13 @@ def post(url: str, body: bytes, content_type: str, method: str = "POST") -> dict
         return json.loads(data) if content_type != "text/plain; version=0.0.4" else data
 
 
+def render_seconds_sum(body: bytes) -> float:
+    for line in body.split(b"\n"):
+        if line.startswith(b"pipemon_metrics_render_duration_seconds_sum"):
+            return float(line.split()[-1])
+    raise ValueError("no pipemon_metrics_render_duration_seconds_sum in /metrics")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -532,14 +539,19 @@ def measure_scaling(report: Report, directory: Path, s: Settings) -> None:
         base = rss_mib(pm.proc.pid)
         figures = {}
         done = 0
+        client: dict[int, float] = {}
         for n in (small, large):
             pm.send_runs(range(done, n), f"fill{n}")
             done = n
-            times = []
+            times, server = [], []
             for rep in range(s.scrapes):
                 pm.send_runs(range(n), f"scale{n}-{rep}")
-                times.append(fetch(pm.url, "/metrics")[0])
-            figures[n] = (median(times) / n, (rss_mib(pm.proc.pid) - base) / n)
+                elapsed, body = fetch(pm.url, "/metrics")
+                times.append(elapsed)
+                # The next body holds that render's own duration (pipemon_metrics_render_duration_seconds).
+                server.append(render_seconds_sum(fetch(pm.url, "/metrics")[1]) - render_seconds_sum(body))
+            figures[n] = (median(server) / n, (rss_mib(pm.proc.pid) - base) / n)
+            client[n] = median(times) / n
     finally:
         pm.close()
     render_ratio = figures[large][0] / figures[small][0]
@@ -550,7 +562,10 @@ def measure_scaling(report: Report, directory: Path, s: Settings) -> None:
             f"{what} per pipeline, {large:,} vs {small:,} pipelines",
             f"{figures[large][index] * scale:.1f} vs {figures[small][index] * scale:.1f} {unit}", "n/a",
             f"{ratio:.2f}×", "≤ 1.2×", ratio <= 1.2,
-            "memory: RSS growth over the empty exporter's" if index else "full re-render, text format"))
+            "memory: RSS growth over the empty exporter's" if index else
+            "full re-render, text format, in the exporter (pipemon_metrics_render_duration_seconds); fetched by"
+            f" the client incl. transfer: {client[large] * 1e6:.1f} vs {client[small] * 1e6:.1f} µs per pipeline"
+            f" ({client[large] / client[small]:.2f}×)"))
         print(f"  scaling: {report.rows[-1]}", file=sys.stderr, flush=True)
 
 
