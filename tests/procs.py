@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -76,3 +77,12 @@ def running(cmd: list[str], ready_url: str, log: Path, env: dict[str, str] | Non
         yield proc
     finally:
         stop(proc)
+
+
+def stack_command(directory: Path, registry: Path, ports: list[int], scrape: str = "1s",
+                  evaluation: str = "1s") -> list[str]:
+    """`pipemon stack` on the given seven ports, with short intervals for tests and benchmarks: every `for:`
+    capped at 1 s, 1 s group wait and interval, a one-hour repeat interval (the cooldown)."""
+    return [sys.executable, "-m", "pipemon.cli", "stack", "--dir", str(directory), "--registry", str(registry),
+            "--ports", ",".join(map(str, ports)), "--scrape-interval", scrape, "--evaluation-interval", evaluation,
+            "--max-for", "1s", "--group-wait", "1s", "--group-interval", "1s", "--repeat-interval", "1h"]

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import REPO, free_port, require_binary, wait_http
+from tests.procs import REPO, free_port, require_binary, stack_command, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -144,10 +143,7 @@ def test_events_become_notifications_for_the_right_team(tmp_path: Path) -> None:
     registry.write_text(REGISTRY)
     ports = [free_port() for _ in range(7)]
     exporter, prom, sink = (f"http://127.0.0.1:{ports[i]}" for i in (0, 1, 6))
-    cmd = [sys.executable, "-m", "pipemon.cli", "stack", "--dir", str(tmp_path / "stack"), "--registry",
-           str(registry), "--ports", ",".join(map(str, ports)), "--scrape-interval", "1s",
-           "--evaluation-interval", "1s", "--max-for", "1s", "--group-wait", "1s", "--group-interval", "1s",
-           "--repeat-interval", "1h"]
+    cmd = stack_command(tmp_path / "stack", registry, ports)
     log = open(tmp_path / "stack.out", "wb")  # noqa: SIM115
     stack = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
