@@ -138,6 +138,8 @@ BAD_INPUTS = [
     ('{"pipeline": "a\\nb", "run_id": "x", "status": "success", "duration_seconds": 1}', 422, "invalid_field",
      "pipeline"),
     (json.dumps(run("p" * 201, "x")), 422, "invalid_field", "pipeline"),
+    (json.dumps(run("trailing_newline\n", "x")), 422, "invalid_field", "pipeline"),
+    (json.dumps(run("p", "x", team="data-eng\n")), 422, "invalid_field", "team"),
     (json.dumps(run("orders_daily", "x", team="analytics")), 422, "team_mismatch", "team"),
     (json.dumps(run("new_pipeline", "x", team="no-such-team")), 422, "unknown_team", "team"),
 ]

@@ -18,9 +18,10 @@ import yaml
 from pipemon.durations import parse_duration
 
 UNOWNED_TEAM = "unowned"
-TEAM_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# `(?![\s\S])` ends the string for good: `$` would also match before a final newline ("abc\n").
+TEAM_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(?![\s\S])"
 # Printable text without control characters; label values stay readable and bounded.
-PIPELINE_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+PIPELINE_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+(?![\s\S])"
 PIPELINE_NAME_MAX = 200
 
 TeamName = Annotated[str, msgspec.Meta(pattern=TEAM_NAME_PATTERN)]
