@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.procs import free_port, stop, wait_http  # noqa: E402
+from tests.procs import free_port, stack_command, stop, wait_http  # noqa: E402
 
 PUSHGATEWAY = "/usr/bin/prometheus-pushgateway"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -574,7 +574,7 @@ unknown_pipelines: accept
 teams:
   alpha: {slack_channel: "#alpha"}
 pipelines:
-  - {match: "e2e_.*", team: alpha}
+  - {match: "e2e_*", team: alpha}
 """
 
 
@@ -589,10 +589,7 @@ def measure_e2e(report: Report, directory: Path, s: Settings) -> None:
     registry.write_text(E2E_REGISTRY)
     ports = [free_port() for _ in range(7)]
     exporter, prom, sink = (f"http://127.0.0.1:{ports[i]}" for i in (0, 1, 6))
-    cmd = [sys.executable, "-m", "pipemon.cli", "stack", "--dir", str(directory / "stack"), "--registry",
-           str(registry), "--ports", ",".join(map(str, ports)), "--scrape-interval", "5s",
-           "--evaluation-interval", "5s", "--group-wait", "1s", "--group-interval", "1s", "--max-for", "1s",
-           "--repeat-interval", "1h"]
+    cmd = stack_command(directory / "stack", registry, ports, scrape="5s", evaluation="5s")
     with open(directory / "stack.out", "wb") as log:
         stack = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
