@@ -293,3 +293,25 @@ async def test_admin_can_forget_a_pipeline(exporter_client):
     assert (await client.delete("/api/v1/pipelines/temp_job", headers={"Authorization": "Bearer root"})).status == 200
     assert ("pipeline_runs_total", frozenset({("pipeline", "temp_job"), ("team", "data-eng"), ("status", "success")})
             ) not in samples(await metrics(client))
+
+
+async def test_a_registry_that_is_not_utf8_is_a_clear_400_on_reload(exporter_client, config, tmp_path):
+    registry = tmp_path / "reg.yaml"
+    registry.write_text("teams:\n  a: {}\n")
+    client = await exporter_client(dataclasses.replace(config, registry=registry))
+    registry.write_bytes(b"teams:\n  \xff\xfe: {}\n")
+    resp = await client.post("/-/reload")
+    assert resp.status == 400
+    assert "not UTF-8" in (await resp.json())["error"]["message"]
+
+
+async def test_runs_in_progress_are_capped_within_one_batch_too(exporter_client):
+    from pipemon.ingest import MAX_IN_PROGRESS_PER_PIPELINE as cap
+
+    client = await exporter_client()
+    starts = [{"pipeline": "fresh_job", "run_id": f"s{i}"} for i in range(cap + 5)]
+    status, body = await post(client, starts, "/api/v1/runs/start")
+    assert status == 200
+    assert (body["accepted"], body["rejected"]) == (cap, 5)
+    assert body["results"][-1]["error"]["reason"] == "in_progress_cap"
+    assert value(await metrics(client), "pipeline_runs_in_progress", pipeline="fresh_job", team="unowned") == cap

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 from pipemon.recorder import state_path
+from tests.conftest import make_tokens
 from tests.helpers import run, samples, value
 
 P = {"pipeline": "orders_daily", "team": "data-eng"}
@@ -88,3 +89,20 @@ async def test_after_a_restart_the_team_follows_the_registry(exporter_client, co
     assert value(text, "pipeline_runs_total", pipeline="job", team="b", status="success") == 1
     assert ("pipeline_runs_total", frozenset({("pipeline", "job"), ("team", "a"), ("status", "success")})) \
         not in samples(text)
+
+
+async def test_a_pipeline_deleted_and_reported_again_keeps_its_new_runs_over_a_restart(exporter_client, config):
+    tokens = make_tokens(root="admin")
+    auth = {"Authorization": "Bearer root"}
+    client = await exporter_client(tokens=tokens)
+    await client.post("/api/v1/runs", data=json.dumps(run("temp_job", "old")), headers=auth)
+    await client.exporter.recorder._checkpoint()
+    assert (await client.delete("/api/v1/pipelines/temp_job", headers=auth)).status == 200
+    for run_id in ("new1", "new2"):  # acknowledged after the delete, before the next checkpoint
+        resp = await client.post("/api/v1/runs", data=json.dumps(run("temp_job", run_id)), headers=auth)
+        assert (await resp.json())["status"] == "accepted"
+    await client.close()
+
+    again = await exporter_client(tokens=tokens)
+    text = await (await again.get("/metrics")).text()
+    assert value(text, "pipeline_runs_total", pipeline="temp_job", team="unowned", status="success") == 2

@@ -316,6 +316,7 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
         await exporter.recorder.start()
         yield
         await exporter.recorder.close()
+        exporter.renderer.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -197,6 +197,9 @@ class MetricsRenderer:
         self._deflated_headers = {openmetrics: [deflate_piece(f.header(openmetrics)) for f in FAMILIES]
                                   for openmetrics in (False, True)}
 
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+
     def _own(self, openmetrics: bool) -> bytes:
         if openmetrics:
             return om_exposition.generate_latest(self._own_registry)  # already ends with "# EOF"

@@ -7,6 +7,7 @@ Every problem becomes a `Rejection` with an HTTP status, a bounded `reason` (the
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,9 +47,7 @@ def split_items(body: bytes, ndjson: bool) -> tuple[list[bytes | msgspec.Raw], b
     if stripped.startswith(b"["):
         try:
             return msgspec.json.decode(body, type=list[msgspec.Raw]), True
-        except msgspec.DecodeError as exc:
-            raise Rejection(400, "malformed", f"the body is not a JSON array: {exc}") from exc
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:  # ValidationError included: it is a DecodeError
             raise Rejection(400, "malformed", f"the body is not a JSON array: {exc}") from exc
     if stripped.startswith(b"{"):
         return [body], False
@@ -104,6 +103,7 @@ class Admission:
         self.principal = principal
         self.max_pipelines = max_pipelines
         self._new: set[str] = set()
+        self._starts: Counter[str] = Counter()  # starts admitted in this request, per pipeline
         self._teams: dict[tuple[str, str | None], str | Rejection] = {}
 
     def team_of(self, pipeline: str, claimed: str | None) -> str:
@@ -152,9 +152,12 @@ class Admission:
                 raise Rejection(429, "pipeline_cap", f"pipemon tracks {self.max_pipelines} pipelines already"
                                 " (--max-pipelines); forget unused ones or raise the cap", "pipeline")
             self._new.add(pipeline)
-        if starting and state is not None and len(state.in_progress) >= MAX_IN_PROGRESS_PER_PIPELINE:
-            raise Rejection(429, "in_progress_cap", f"pipeline {pipeline!r} has {MAX_IN_PROGRESS_PER_PIPELINE}"
-                            " runs in progress already", "run_id")
+        if starting:
+            in_progress = len(state.in_progress) if state is not None else 0
+            if in_progress + self._starts[pipeline] >= MAX_IN_PROGRESS_PER_PIPELINE:
+                raise Rejection(429, "in_progress_cap", f"pipeline {pipeline!r} has {MAX_IN_PROGRESS_PER_PIPELINE}"
+                                " runs in progress already", "run_id")
+            self._starts[pipeline] += 1
 
     def is_retry(self, record: Record) -> bool:
         phase = STARTED if isinstance(record, Start) else FINISHED

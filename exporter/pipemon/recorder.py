@@ -166,7 +166,13 @@ class Recorder:
             self._wake.clear()
             group, self._pending = self._pending, []
             if group:
-                await self._commit_group(group)
+                try:
+                    await self._commit_group(group)
+                except Exception:  # a bug must not stop the writer: every later request would hang
+                    log.exception("unexpected error while committing %d submissions", len(group))
+                    for sub in group:
+                        if not sub.done.done():
+                            sub.done.set_exception(StorageError("internal error while storing; see the log"))
             if self._stopping and not self._pending:
                 return  # close() takes the final checkpoint
             await self._maybe_checkpoint()
@@ -194,7 +200,8 @@ class Recorder:
 
     async def _maybe_checkpoint(self) -> None:
         due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval
-        if self._since_checkpoint >= self.settings.checkpoint_records or (due and self._since_checkpoint):
+        changed = self._since_checkpoint or self.pipelines.dirty or self.pipelines.forgotten
+        if self._since_checkpoint >= self.settings.checkpoint_records or (due and changed):
             try:
                 await self._checkpoint()
             except StorageError as exc:

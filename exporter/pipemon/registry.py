@@ -191,6 +191,8 @@ def load_registry(path: str | Path) -> Registry:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read registry: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: the registry is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return parse_registry(text, path)
 
 

@@ -50,10 +50,9 @@ class Stack:
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def start(self, name: str, cmd: list[str], ready_url: str, quiet: bool = True, timeout: float = 30) -> None:
-        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
-        out = log if quiet else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent, cwd=self.directory)
+        with open(self.directory / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=log, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent, cwd=self.directory)
         self.processes.append((name, proc))
         _wait_ready(name, ready_url, proc, self.directory / f"{name}.log", timeout)
 

@@ -151,6 +151,7 @@ class Pipelines:
         if state is None:
             state = self.by_name[spec.name] = PipelineState(spec, self.baseline_size)
             self.dirty.add(spec.name)
+            self.forgotten.discard(spec.name)  # re-created after a delete: the checkpoint must keep it
         return state
 
     def seen(self, pipeline: str, run_id: str, phase: int) -> bool:

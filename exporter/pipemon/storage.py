@@ -79,8 +79,8 @@ class Storage:
         """Store snapshots that cover the whole log, then empty the log."""
 
         def write(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR REPLACE INTO pipelines (name, snapshot) VALUES (?, ?)", snapshots)
             db.executemany("DELETE FROM pipelines WHERE name = ?", [(n,) for n in forgotten])
+            db.executemany("INSERT OR REPLACE INTO pipelines (name, snapshot) VALUES (?, ?)", snapshots)
             db.execute("DELETE FROM log")
 
         self._write(write)
