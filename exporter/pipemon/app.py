@@ -47,14 +47,18 @@ class Exporter:
     def __init__(self, config: ServeConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.registry = self.load_registry()
         self.tokens: Tokens | None = None
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
                                     abandon_after_factor=config.abandon_after_factor)
         storage = Storage(state_path(config.state_dir), config.storage_sync)
-        self.recorder = Recorder(self.registry, storage, self.metrics, settings, clock)
+        self.recorder = Recorder(self.load_registry(), storage, self.metrics, settings, clock)
         self.renderer = MetricsRenderer(lambda: self.recorder.pipelines, self.metrics.registry)
+
+    @property
+    def registry(self) -> Registry:
+        """The registry in force; the recorder holds it, so a reload changes it in one place."""
+        return self.recorder.registry
 
     def load_registry(self) -> Registry:
         if self.config.registry is None:
@@ -64,7 +68,6 @@ class Exporter:
     def reload_registry(self) -> Registry:
         """Load the registry file again; on error the running one stays and RegistryError is raised."""
         registry = self.load_registry()
-        self.registry = registry
         self.recorder.set_registry(registry)
         log.info("registry reloaded from %s: %d teams, %d pipelines by name", registry.path,
                  len(registry.teams), len(registry.registered_specs()))
