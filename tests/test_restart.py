@@ -106,3 +106,21 @@ async def test_a_pipeline_deleted_and_reported_again_keeps_its_new_runs_over_a_r
     again = await exporter_client(tokens=tokens)
     text = await (await again.get("/metrics")).text()
     assert value(text, "pipeline_runs_total", pipeline="temp_job", team="unowned", status="success") == 2
+
+
+async def test_a_crash_between_snapshots_and_log_truncation_counts_nothing_twice(exporter_client, config):
+    """The snapshots say which log sequence they hold; replay skips it, even beyond the dedup window."""
+    cfg = dataclasses.replace(config, dedup_window=2)
+    client = await exporter_client(cfg)
+    for i in range(10):
+        await client.post("/api/v1/runs", data=json.dumps(run("orders_daily", f"r{i}", records_processed=1)))
+    recorder = client.exporter.recorder
+    recorder.storage.truncate_log = lambda upto: None  # the crash: snapshots written, log not truncated
+    await recorder._checkpoint()
+    recorder._checkpoint = _no_checkpoint
+    await client.close()
+
+    again = await exporter_client(cfg)
+    text = await (await again.get("/metrics")).text()
+    assert value(text, "pipeline_runs_total", **P, status="success") == 10
+    assert value(text, "pipeline_records_processed_total", **P) == 10

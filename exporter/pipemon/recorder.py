@@ -27,6 +27,7 @@ from pipemon.storage import Storage, StorageError
 log = logging.getLogger("pipemon.recorder")
 SNAPSHOT_DECODER = msgspec.msgpack.Decoder(Snapshot)
 CHECKPOINT_CHUNK = 200  # snapshots encoded between two yields to the event loop
+CHECKPOINT_WRITE_CHUNK = 500  # snapshots per transaction: log appends wait for one chunk at most
 GROUP_DECODER = msgspec.msgpack.Decoder(list[Record])
 
 
@@ -54,6 +55,14 @@ class _Submission:
     done: asyncio.Future[list[str]]
 
 
+@dataclasses.dataclass
+class _Checkpoint:
+    upto: int  # the last log sequence the snapshots hold
+    snapshots: list[tuple[str, bytes]]
+    dirty: set[str]
+    forgotten: set[str]
+
+
 
 
 class Recorder:
@@ -69,6 +78,8 @@ class Recorder:
         self._pending: list[_Submission] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        self._applied_seq = 0  # the log sequence of the last group applied to `pipelines`
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipemon-storage")
         self._tasks: list[asyncio.Task[None]] = []
         self._since_checkpoint = 0
@@ -95,14 +106,14 @@ class Recorder:
         self._stopping = True
         self._wake.set()
         await writer
-        try:
-            await self._checkpoint()
-        except StorageError as exc:
-            log.error("final checkpoint failed (%s); the log still holds every acknowledged record", exc)
+        if self._checkpoint_task is not None:
+            await self._checkpoint_task
+        await self._checkpoint()  # a failure is logged; the log still holds every acknowledged record
         await self._in_thread(self.storage.close)
         self._thread.shutdown(wait=True)
 
-    def _restore(self, snapshots: list[tuple[str, bytes]], records: list[bytes]) -> None:
+    def _restore(self, snapshots: list[tuple[str, bytes]], records: list[tuple[int, bytes]]) -> None:
+        covers: dict[str, int] = {}  # pipeline -> the last log sequence its snapshot holds
         for name, blob in snapshots:
             try:
                 snap = SNAPSHOT_DECODER.decode(blob)
@@ -112,14 +123,17 @@ class Recorder:
             state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size)
             state.team = state.spec.team  # the registry may have moved the pipeline meanwhile
             self.pipelines.by_name[name] = state
-        for blob in records:
+            covers[name] = snap.covers_seq
+        for seq, blob in records:
             try:
                 rows = decode_log_row(blob)
             except msgspec.DecodeError as exc:
                 log.error("skipping an unreadable record of the log (%s)", exc)
                 continue
             for record in rows:
-                self.pipelines.apply(record, self.spec_for)
+                if covers.get(record.pipeline, 0) < seq:  # else its snapshot holds it already
+                    self.pipelines.apply(record, self.spec_for)
+        self._applied_seq = max([seq for seq, _ in records] + list(covers.values()) + [0])
         self.pipelines.dirty.clear()
         self.pipelines.dirty.update(self.pipelines.by_name)  # the next checkpoint folds the replayed log
 
@@ -183,7 +197,7 @@ class Recorder:
         blob = RECORD_ENCODER.encode(records)
         started = time.perf_counter()
         try:
-            await self._in_thread(self.storage.append, [blob])
+            seq = await self._in_thread(self.storage.append, blob)
         except StorageError as exc:
             self.metrics.storage_errors.inc()
             log.error("could not store %d records: %s", len(records), exc)
@@ -193,42 +207,56 @@ class Recorder:
             return
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._since_checkpoint += len(records)
+        self._applied_seq = seq  # applied right below, with no await in between
         for sub in group:
             outcomes = [self.pipelines.apply(r, self.spec_for) for r in sub.records]
             if not sub.done.done():
                 sub.done.set_result(outcomes)
 
     async def _maybe_checkpoint(self) -> None:
+        if self._checkpoint_task is not None and not self._checkpoint_task.done():
+            return  # one at a time
         due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval
         changed = self._since_checkpoint or self.pipelines.dirty or self.pipelines.forgotten
         if self._since_checkpoint >= self.settings.checkpoint_records or (due and changed):
-            try:
-                await self._checkpoint()
-            except StorageError as exc:
-                self.metrics.storage_errors.inc()
-                log.error("checkpoint failed, will retry: %s", exc)
+            checkpoint = await self._take_checkpoint()
+            # Written in the background: groups keep committing between its transactions.
+            self._checkpoint_task = asyncio.create_task(self._write_checkpoint(checkpoint))
 
     async def _checkpoint(self) -> None:
+        """Take a checkpoint and write it now (at close)."""
+        await self._write_checkpoint(await self._take_checkpoint())
+
+    async def _take_checkpoint(self) -> _Checkpoint:
+        """Encode the changed pipelines. The writer waits meanwhile (it is the caller, or stopped), so the
+        snapshots hold exactly the log up to `_applied_seq`."""
         pipelines = self.pipelines
-        # Take the sets: whatever changes while the snapshots are encoded (a registry reload; records are
-        # not applied meanwhile, the writer is here) belongs to the next checkpoint.
         dirty, pipelines.dirty = pipelines.dirty, set()
         forgotten, pipelines.forgotten = pipelines.forgotten, set()
+        upto = self._applied_seq
         snapshots = []
         for count, name in enumerate(dirty, 1):
             state = pipelines.by_name.get(name)
             if state is not None:
-                snapshots.append((name, msgspec.msgpack.encode(state.snapshot())))
+                snapshots.append((name, msgspec.msgpack.encode(state.snapshot(upto))))
             if count % CHECKPOINT_CHUNK == 0:
                 await asyncio.sleep(0)  # thousands of snapshots must not stall the event loop in one go
-        try:
-            await self._in_thread(self.storage.checkpoint, snapshots, sorted(forgotten))
-        except StorageError:
-            pipelines.dirty |= dirty
-            pipelines.forgotten |= forgotten
-            raise
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        return _Checkpoint(upto, snapshots, dirty, forgotten)
+
+    async def _write_checkpoint(self, checkpoint: _Checkpoint) -> None:
+        try:
+            await self._in_thread(self.storage.delete_pipelines, sorted(checkpoint.forgotten))
+            for start in range(0, len(checkpoint.snapshots), CHECKPOINT_WRITE_CHUNK):
+                chunk = checkpoint.snapshots[start:start + CHECKPOINT_WRITE_CHUNK]
+                await self._in_thread(self.storage.write_snapshots, chunk)
+            await self._in_thread(self.storage.truncate_log, checkpoint.upto)
+        except StorageError as exc:
+            self.metrics.storage_errors.inc()
+            log.error("checkpoint failed, the next one retries (the log keeps every record): %s", exc)
+            self.pipelines.dirty |= checkpoint.dirty & self.pipelines.by_name.keys()
+            self.pipelines.forgotten |= checkpoint.forgotten - self.pipelines.by_name.keys()
 
     # ---- abandoned runs ------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class Snapshot(msgspec.Struct, array_like=True):
     ring: list[tuple[float, float]]
     pending: tuple[float, float] | None
     seen: dict[str, int]
+    covers_seq: int = 0  # the last log sequence applied to this state; replay skips up to it
 
 
 class PipelineState:
@@ -96,21 +97,21 @@ class PipelineState:
 
     # ---- persistence ---------------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, covers_seq: int = 0) -> Snapshot:
         """The persisted form; it shares this state's dicts (no copies of the dedup window), so encode it
         before the state changes again."""
         return Snapshot(
             self.name, self.team, self.runs_success, self.runs_failure, list(self.bucket_counts),
             self.duration_sum, self.duration_count, self.records_total, self.last_run_ts, self.last_success_ts,
             self.last_run_success, self.last_run_duration, self.last_run_records, self.last_run_throughput,
-            self.consecutive_failures, self.in_progress, list(self.ring), self.pending, self.seen,
+            self.consecutive_failures, self.in_progress, list(self.ring), self.pending, self.seen, covers_seq,
         )
 
     @classmethod
     def restore(cls, snap: Snapshot, spec: PipelineSpec, baseline_size: int) -> PipelineState:
         state = cls(spec, baseline_size)
         for name in Snapshot.__struct_fields__:
-            if name not in ("ring", "name"):
+            if name not in ("ring", "name", "covers_seq"):
                 setattr(state, name, getattr(snap, name))
         state.ring.extend(tuple(sample) for sample in snap.ring)
         state.pending = tuple(snap.pending) if snap.pending else None

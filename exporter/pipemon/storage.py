@@ -36,8 +36,8 @@ class Storage:
         self._db: sqlite3.Connection | None = None
         self._fault_file = os.environ.get(FAULT_ENV) or None
 
-    def open(self) -> tuple[list[tuple[str, bytes]], list[bytes]]:
-        """Open (or create) the database; returns the checkpoint snapshots and the log to replay."""
+    def open(self) -> tuple[list[tuple[str, bytes]], list[tuple[int, bytes]]]:
+        """Open (or create) the database; returns the checkpoint snapshots and the log (seq, row) to replay."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return self._open()
@@ -52,7 +52,7 @@ class Storage:
                     src.rename(f"{aside}{suffix}")
             return self._open()
 
-    def _open(self) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    def _open(self) -> tuple[list[tuple[str, bytes]], list[tuple[int, bytes]]]:
         if not self.path.exists():
             log.info("no state file at %s: starting with empty state", self.path)
         db = self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -63,7 +63,7 @@ class Storage:
             raise sqlite3.DatabaseError("quick_check failed")
         db.executescript(SCHEMA)
         snapshots = db.execute("SELECT name, snapshot FROM pipelines").fetchall()
-        records = [row[0] for row in db.execute("SELECT record FROM log ORDER BY seq")]
+        records = db.execute("SELECT seq, record FROM log ORDER BY seq").fetchall()
         return snapshots, records
 
     def close(self) -> None:
@@ -71,19 +71,31 @@ class Storage:
             self._db.close()
             self._db = None
 
-    def append(self, records: list[bytes]) -> None:
-        """Commit records to the log; raises StorageError (and keeps none of them) when it cannot."""
-        self._write(lambda db: db.executemany("INSERT INTO log (record) VALUES (?)", [(r,) for r in records]))
-
-    def checkpoint(self, snapshots: list[tuple[str, bytes]], forgotten: list[str]) -> None:
-        """Store snapshots that cover the whole log, then empty the log."""
+    def append(self, row: bytes) -> int:
+        """Commit one row to the log and return its sequence number; raises StorageError (keeping
+        nothing) when it cannot."""
+        seq = 0
 
         def write(db: sqlite3.Connection) -> None:
-            db.executemany("DELETE FROM pipelines WHERE name = ?", [(n,) for n in forgotten])
-            db.executemany("INSERT OR REPLACE INTO pipelines (name, snapshot) VALUES (?, ?)", snapshots)
-            db.execute("DELETE FROM log")
+            nonlocal seq
+            seq = db.execute("INSERT INTO log (record) VALUES (?)", (row,)).lastrowid
 
         self._write(write)
+        return seq
+
+    # A checkpoint is several short transactions, so that log appends interleave with it: forget, then
+    # snapshots in chunks, then the log up to the sequence the snapshots cover. A crash between them is
+    # harmless: each snapshot knows the sequence it covers, and replay skips what it already holds.
+
+    def delete_pipelines(self, names: list[str]) -> None:
+        self._write(lambda db: db.executemany("DELETE FROM pipelines WHERE name = ?", [(n,) for n in names]))
+
+    def write_snapshots(self, snapshots: list[tuple[str, bytes]]) -> None:
+        self._write(lambda db: db.executemany("INSERT OR REPLACE INTO pipelines (name, snapshot) VALUES (?, ?)",
+                                              snapshots))
+
+    def truncate_log(self, upto: int) -> None:
+        self._write(lambda db: db.execute("DELETE FROM log WHERE seq <= ?", (upto,)))
 
     def _write(self, work) -> None:
         try:
