@@ -57,7 +57,7 @@ class _Submission:
 
 @dataclasses.dataclass
 class _Checkpoint:
-    upto: int  # the last log sequence the snapshots hold
+    upto: int  # the log up to here is held by snapshots (this one's or earlier ones)
     snapshots: list[tuple[str, bytes]]
     dirty: set[str]
     forgotten: set[str]
@@ -219,17 +219,18 @@ class Recorder:
         due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval
         changed = self._since_checkpoint or self.pipelines.dirty or self.pipelines.forgotten
         if self._since_checkpoint >= self.settings.checkpoint_records or (due and changed):
-            checkpoint = await self._take_checkpoint()
-            # Written in the background: groups keep committing between its transactions.
-            self._checkpoint_task = asyncio.create_task(self._write_checkpoint(checkpoint))
+            # In the background: groups keep committing while it is encoded and between its transactions.
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+            self._checkpoint_task = asyncio.create_task(self._checkpoint())
 
     async def _checkpoint(self) -> None:
-        """Take a checkpoint and write it now (at close)."""
         await self._write_checkpoint(await self._take_checkpoint())
 
     async def _take_checkpoint(self) -> _Checkpoint:
-        """Encode the changed pipelines. The writer waits meanwhile (it is the caller, or stopped), so the
-        snapshots hold exactly the log up to `_applied_seq`."""
+        """Encode the changed pipelines. Groups are applied right after their commit with no await between,
+        so at every await here the state holds exactly the log up to `_applied_seq`: each snapshot records
+        the sequence it holds, and the log can go up to where the changed set was taken."""
         pipelines = self.pipelines
         dirty, pipelines.dirty = pipelines.dirty, set()
         forgotten, pipelines.forgotten = pipelines.forgotten, set()
@@ -238,11 +239,9 @@ class Recorder:
         for count, name in enumerate(dirty, 1):
             state = pipelines.by_name.get(name)
             if state is not None:
-                snapshots.append((name, msgspec.msgpack.encode(state.snapshot(upto))))
+                snapshots.append((name, msgspec.msgpack.encode(state.snapshot(self._applied_seq))))
             if count % CHECKPOINT_CHUNK == 0:
                 await asyncio.sleep(0)  # thousands of snapshots must not stall the event loop in one go
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
         return _Checkpoint(upto, snapshots, dirty, forgotten)
 
     async def _write_checkpoint(self, checkpoint: _Checkpoint) -> None:
