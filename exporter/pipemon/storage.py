@@ -55,10 +55,8 @@ class Storage:
     def _open(self) -> tuple[list[tuple[str, bytes]], list[tuple[int, bytes]]]:
         if not self.path.exists():
             log.info("no state file at %s: starting with empty state", self.path)
-        db = self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = self._connect()
         db.execute("PRAGMA journal_mode=WAL")
-        # In WAL mode `normal` survives a crash of the process (kill -9); `full` also a power loss.
-        db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("quick_check failed")
         db.executescript(SCHEMA)
@@ -101,7 +99,7 @@ class Storage:
         try:
             if self._fault_file is not None:
                 self._injected_fault()
-            db = self._db or self._reconnect()
+            db = self._db or self._connect()
             db.execute("BEGIN IMMEDIATE")
             try:
                 work(db)
@@ -122,12 +120,8 @@ class Storage:
         raise sqlite3.OperationalError("database or disk is full (injected)" if kind == "full"
                                        else "attempt to write a readonly database (injected)")
 
-    def _reconnect(self) -> sqlite3.Connection:
-        self._open_connection_only()
-        assert self._db is not None
-        return self._db
-
-    def _open_connection_only(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _connect(self) -> sqlite3.Connection:
+        db = self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # In WAL mode `normal` survives a crash of the process (kill -9); `full` also a power loss.
         db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
-        self._db = db
+        return db
