@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from pipemon.openapi import openapi_spec
 from pipemon.recorder import Recorder, RecorderSettings, state_path
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
-from pipemon.state import PipelineState
+from pipemon.state import SUCCESS_WINDOWS, PipelineState
 from pipemon.storage import Storage, StorageError
 from pipemon.webconfig import WebConfig
 
@@ -50,6 +51,7 @@ class Exporter:
         self.tokens: Tokens | None = None
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
+                                    history_size=config.history_size,
                                     abandon_after_factor=config.abandon_after_factor)
         storage = Storage(state_path(config.state_dir), config.storage_sync)
         self.recorder = Recorder(self.load_registry(), storage, self.metrics, settings, clock)
@@ -216,21 +218,35 @@ async def get_pipeline(request: web.Request) -> web.Response:
     state = _exporter(request).recorder.pipelines.get(request.match_info["name"])
     if state is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
-    d_mean, d_std = state.duration_baseline()
-    t_mean, t_std = state.throughput_baseline()
+    judged = state.judgements()
+    pipelines = _exporter(request).recorder.pipelines
     detail = pipeline_summary(state) | {
-        "expected_interval_seconds": state.spec.expected_interval_seconds,
+        "expected_interval_seconds": state.expected_interval(),
+        "expected_interval_learned": not state.spec.expected_interval_explicit,
+        "schedule": state.spec.schedule, "next_run_due_timestamp": state.next_run_due(pipelines.epoch),
         "max_runtime_seconds": state.spec.max_runtime_seconds, "runbook_url": state.spec.runbook_url,
         "thresholds": state.spec.thresholds, "in_progress": state.in_progress,
-        "baseline": {"samples": len(state.ring), "duration_mean_seconds": _finite(d_mean),
-                     "duration_stddev_seconds": _finite(d_std), "throughput_mean": _finite(t_mean),
-                     "throughput_stddev": _finite(t_std)},
+        "last_run": {"duration_seconds": _finite(state.last_run_duration),
+                     "records": _finite(state.last_run_records),
+                     "throughput_records_per_second": _finite(state.last_run_throughput)},
+        "recent_runs_success_ratio": {str(n): _finite(state.success_ratio(n)) for n in SUCCESS_WINDOWS},
+        "baseline": {
+            "history": len(state.history),
+            "duration_seasonality": judged.duration_profile, "records_seasonality": judged.records_profile,
+            "latest_successful_runs": [
+                {"duration_zscore": _finite(d.zscore), "duration_ratio": _finite(d.ratio),
+                 "duration_baseline_seconds": _finite(d.expected), "duration_baseline_samples": d.samples,
+                 "records_zscore": _finite(r.zscore), "records_ratio": _finite(r.ratio),
+                 "records_baseline": _finite(r.expected)}
+                for d, r in zip(judged.duration, judged.records, strict=True)
+            ],
+        },
     }
     return json_response(detail)
 
 
 def _finite(value: float) -> float | None:
-    return None if value != value else value
+    return None if value != value or value in (math.inf, -math.inf) else value
 
 
 async def delete_pipeline(request: web.Request) -> web.Response:

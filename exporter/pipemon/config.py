@@ -26,6 +26,7 @@ class ServeConfig:
     enable_lifecycle: bool = False
     access_log: bool = False
     baseline_size: int = 30
+    history_size: int = 336
     dedup_window: int = 1000
     abandon_after_factor: float = 3.0
     lineage_pipeline_name: str = "{name}"
@@ -46,7 +47,10 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "seconds an event's timestamp may lie in the future"),
     ("--storage-sync", "PIPEMON_STORAGE_SYNC", "storage_sync", str,
      "normal: acknowledged events survive a crash of pipemon; full: also a power loss (slower)"),
-    ("--baseline-size", "PIPEMON_BASELINE_SIZE", "baseline_size", int, "successful runs kept for baselines"),
+    ("--baseline-size", "PIPEMON_BASELINE_SIZE", "baseline_size", int,
+     "successful runs (of the same seasonal slot) a run is judged against"),
+    ("--history-size", "PIPEMON_HISTORY_SIZE", "history_size", int,
+     "successful runs kept per pipeline to learn baselines and seasonality from"),
     ("--dedup-window", "PIPEMON_DEDUP_WINDOW", "dedup_window", int,
      "run ids remembered per pipeline to recognise retries"),
     ("--abandon-after-factor", "PIPEMON_ABANDON_AFTER_FACTOR", "abandon_after_factor", float,

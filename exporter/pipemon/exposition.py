@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
-from pipemon.state import DURATION_BUCKETS, Pipelines, PipelineState
+from pipemon.state import DURATION_BUCKETS, SUCCESS_WINDOWS, Pipelines, PipelineState
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -66,15 +66,27 @@ FAMILIES: tuple[Family, ...] = (
     Family("pipeline_runs_in_progress", "gauge", "Runs started and not finished."),
     Family("pipeline_oldest_run_start_timestamp_seconds", "gauge", "Start of the oldest run in progress; 0 if"
            " none."),
-    Family("pipeline_duration_baseline_mean_seconds", "gauge", "Mean duration of recent successful runs before"
-           " the latest run."),
-    Family("pipeline_duration_baseline_stddev_seconds", "gauge", "Standard deviation of that duration"
-           " baseline."),
-    Family("pipeline_throughput_baseline_mean_records_per_second", "gauge", "Mean throughput of recent"
-           " successful runs before the latest run."),
-    Family("pipeline_throughput_baseline_stddev_records_per_second", "gauge", "Standard deviation of that"
-           " throughput baseline."),
-    Family("pipeline_baseline_samples", "gauge", "Successful runs in the baseline."),
+    Family("pipeline_last_failure_timestamp_seconds", "gauge", "When the latest failed run finished; 0 if"
+           " never."),
+    Family("pipeline_next_run_due_timestamp_seconds", "gauge", "When the next run is due: the schedule's next"
+           " fire after the latest start, else the latest start plus the expected interval."),
+    Family("pipeline_schedule_grace_seconds", "gauge", "How late a scheduled run may show up; only for"
+           " pipelines with a schedule."),
+    Family("pipeline_recent_runs_success_ratio", "gauge", "Share of successes among the latest `runs` runs"
+           " (fewer if fewer ran)."),
+    Family("pipeline_run_duration_zscore", "gauge", "Robust log-space z-score of a recent successful run's"
+           " duration against the runs before it; runs_ago 0 is the latest."),
+    Family("pipeline_run_duration_ratio", "gauge", "A recent successful run's duration over its baseline's"
+           " median."),
+    Family("pipeline_run_records_zscore", "gauge", "Robust log-space z-score of a recent successful run's"
+           " records against the runs before it."),
+    Family("pipeline_run_records_ratio", "gauge", "A recent successful run's records over its baseline's"
+           " median."),
+    Family("pipeline_duration_baseline_seconds", "gauge", "Median duration the latest successful run was"
+           " judged against (of its seasonal slot)."),
+    Family("pipeline_records_baseline", "gauge", "Median records the latest successful run was judged"
+           " against."),
+    Family("pipeline_baseline_samples", "gauge", "Runs in the latest successful run's duration baseline."),
 )
 _BUCKET_LABELS = (*(f"{float(b)!r}" for b in DURATION_BUCKETS), "+Inf")
 
@@ -93,7 +105,11 @@ def format_value(value: float) -> str:
     return repr(value)
 
 
-def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
+def _per_run(metric: str, labels: str, values: list[float]) -> str:
+    return "".join(f'{metric}{{{labels},runs_ago="{i}"}} {format_value(value)}\n' for i, value in enumerate(values))
+
+
+def pipeline_blocks(state: PipelineState, epoch: float = 0.0) -> tuple[bytes, ...]:
     """The sample lines of one pipeline, one block per family in FAMILIES order."""
     labels = f'pipeline="{escape_label_value(state.name)}",team="{escape_label_value(state.team)}"'
     spec, v = state.spec, format_value
@@ -109,11 +125,13 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         f"pipeline_run_duration_seconds_sum{{{labels}}} {v(state.duration_sum)}\n"
         f"pipeline_run_duration_seconds_count{{{labels}}} {state.duration_count}\n"
     )
-    d_mean, d_std = state.duration_baseline()
-    t_mean, t_std = state.throughput_baseline()
+    judged = state.judgements()
+    latest = judged.duration[0]
+    grace = (f"pipeline_schedule_grace_seconds{{{labels}}} {v(spec.schedule_grace_seconds)}\n"
+             if spec.schedule else "")
     blocks = (
         f'pipeline_info{{{labels},tier="{escape_label_value(spec.tier)}"}} 1\n',
-        f"pipeline_expected_interval_seconds{{{labels}}} {v(spec.expected_interval_seconds)}\n",
+        f"pipeline_expected_interval_seconds{{{labels}}} {v(state.expected_interval())}\n",
         f"pipeline_max_runtime_seconds{{{labels}}} {v(spec.max_runtime_seconds)}\n",
         thresholds,
         f'pipeline_runs_total{{{labels},status="success"}} {state.runs_success}\n'
@@ -129,11 +147,18 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         f"pipeline_consecutive_failures{{{labels}}} {state.consecutive_failures}\n",
         f"pipeline_runs_in_progress{{{labels}}} {len(state.in_progress)}\n",
         f"pipeline_oldest_run_start_timestamp_seconds{{{labels}}} {v(state.oldest_start())}\n",
-        f"pipeline_duration_baseline_mean_seconds{{{labels}}} {v(d_mean)}\n",
-        f"pipeline_duration_baseline_stddev_seconds{{{labels}}} {v(d_std)}\n",
-        f"pipeline_throughput_baseline_mean_records_per_second{{{labels}}} {v(t_mean)}\n",
-        f"pipeline_throughput_baseline_stddev_records_per_second{{{labels}}} {v(t_std)}\n",
-        f"pipeline_baseline_samples{{{labels}}} {len(state.ring)}\n",
+        f"pipeline_last_failure_timestamp_seconds{{{labels}}} {v(state.last_failure_ts)}\n",
+        f"pipeline_next_run_due_timestamp_seconds{{{labels}}} {v(state.next_run_due(epoch))}\n",
+        grace,
+        "".join(f'pipeline_recent_runs_success_ratio{{{labels},runs="{n}"}} {v(state.success_ratio(n))}\n'
+                for n in SUCCESS_WINDOWS),
+        _per_run("pipeline_run_duration_zscore", labels, [j.zscore for j in judged.duration]),
+        _per_run("pipeline_run_duration_ratio", labels, [j.ratio for j in judged.duration]),
+        _per_run("pipeline_run_records_zscore", labels, [j.zscore for j in judged.records]),
+        _per_run("pipeline_run_records_ratio", labels, [j.ratio for j in judged.records]),
+        f"pipeline_duration_baseline_seconds{{{labels}}} {v(latest.expected)}\n",
+        f"pipeline_records_baseline{{{labels}}} {v(judged.records[0].expected)}\n",
+        f"pipeline_baseline_samples{{{labels}}} {latest.samples}\n",
     )
     return tuple(block.encode() for block in blocks)
 
@@ -240,7 +265,8 @@ class MetricsRenderer:
 
     async def _current_segments(self) -> list[_Segment]:
         """The segments of the current pipelines, re-joining those where a pipeline changed."""
-        states = list(self._pipelines())
+        pipelines = self._pipelines()
+        states = list(pipelines)
         versions = [state.version for state in states]
         old, fresh = self._segments, []
         rerendered = 0
@@ -253,7 +279,8 @@ class MetricsRenderer:
                 for state in seg_states:
                     cached = self._cache.get(state.name)
                     if cached is None or cached[0] is not state or cached[1] != state.version:
-                        cached = self._cache[state.name] = (state, state.version, pipeline_blocks(state))
+                        blocks_of = pipeline_blocks(state, pipelines.epoch)
+                        cached = self._cache[state.name] = (state, state.version, blocks_of)
                         rerendered += 1
                         if rerendered % RERENDER_CHUNK == 0:
                             await asyncio.sleep(0)  # a full re-render must not stall ingest

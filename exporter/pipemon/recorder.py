@@ -42,6 +42,7 @@ def decode_log_row(blob: bytes) -> list[Record]:
 @dataclasses.dataclass(frozen=True)
 class RecorderSettings:
     baseline_size: int = 30
+    history_size: int = 336
     dedup_window: int = 1000
     checkpoint_interval: float = 10.0  # seconds between checkpoints while records arrive
     checkpoint_records: int = 500_000  # or after this many records, whichever comes first (bounds the replay)
@@ -73,7 +74,8 @@ class Recorder:
         self.metrics = metrics
         self.settings = settings
         self.clock = clock
-        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window)
+        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size,
+                                   epoch=clock())
         # Submissions wait in a plain list; the writer takes all of them at once (a group commit).
         self._pending: list[_Submission] = []
         self._wake = asyncio.Event()
@@ -120,7 +122,8 @@ class Recorder:
             except msgspec.DecodeError as exc:
                 log.error("checkpoint of pipeline %r is unreadable (%s): it starts from zero", name, exc)
                 continue
-            state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size)
+            state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size,
+                                          self.settings.history_size)
             state.team = state.spec.team  # the registry may have moved the pipeline meanwhile
             self.pipelines.by_name[name] = state
             covers[name] = snap.covers_seq

@@ -15,9 +15,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from pipemon import schedule as cron
 from pipemon.durations import parse_duration
 
 UNOWNED_TEAM = "unowned"
+SCHEDULE_REFERENCE = 1704067200.0  # Monday 2024-01-01 00:00 UTC: where a schedule's "every N" is read
 # `(?![\s\S])` ends the string for good: `$` would also match before a final newline ("abc\n").
 TEAM_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(?![\s\S])"
 # Printable text without control characters; label values stay readable and bounded.
@@ -64,13 +66,17 @@ class Team(msgspec.Struct, forbid_unknown_fields=True):
 
 class Defaults(msgspec.Struct, forbid_unknown_fields=True):
     tier: str = "standard"
+    # Until pipemon has learned a pipeline's interval from its own runs (entries without `expected_interval`
+    # or `schedule`), it expects this one.
     expected_interval: Duration = "1d"
     max_runtime: Duration = "2h"
+    schedule_grace: Duration = "15m"
     runbook_url: Url | None = None
 
     def __post_init__(self) -> None:
         parse_duration(self.expected_interval)
         parse_duration(self.max_runtime)
+        parse_duration(self.schedule_grace)
 
 
 class PipelineEntry(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,6 +84,8 @@ class PipelineEntry(msgspec.Struct, forbid_unknown_fields=True):
     team: TeamName
     tier: str | None = None
     expected_interval: Duration | None = None
+    schedule: str | None = None  # cron, 5 fields, UTC: a run is due at each fire time
+    schedule_grace: Duration | None = None  # how late a scheduled run may show up before PipelineStale
     max_runtime: Duration | None = None
     runbook_url: Url | None = None
     thresholds: ThresholdOverrides | None = None
@@ -86,6 +94,10 @@ class PipelineEntry(msgspec.Struct, forbid_unknown_fields=True):
         for value in (self.expected_interval, self.max_runtime):
             if value is not None and parse_duration(value) <= 0:
                 raise ValueError("expected_interval and max_runtime must be longer than zero")
+        if self.schedule_grace is not None:
+            parse_duration(self.schedule_grace)
+        if self.schedule is not None:
+            cron.check(self.schedule)
 
     @property
     def is_pattern(self) -> bool:
@@ -106,11 +118,14 @@ class PipelineSpec:
     name: str
     team: str
     tier: str
-    expected_interval_seconds: float
+    expected_interval_seconds: float  # the registry's, the schedule's, or the fallback until one is learned
     max_runtime_seconds: float
     runbook_url: str | None
     thresholds: dict[str, float] = field(default_factory=dict)
     registered: bool = True
+    expected_interval_explicit: bool = False  # False: pipemon learns the interval from the pipeline's runs
+    schedule: str | None = None
+    schedule_grace_seconds: float = 900.0
 
 
 class RegistryError(ValueError):
@@ -160,14 +175,23 @@ class Registry:
 
     def _spec(self, name: str, entry: PipelineEntry) -> PipelineSpec:
         d = self.source.defaults
+        if entry.expected_interval is not None:
+            interval = parse_duration(entry.expected_interval)
+        elif entry.schedule is not None:
+            interval = cron.typical_interval(entry.schedule, SCHEDULE_REFERENCE)
+        else:
+            interval = parse_duration(d.expected_interval)
         return PipelineSpec(
             name=name,
             team=entry.team,
             tier=entry.tier or d.tier,
-            expected_interval_seconds=parse_duration(entry.expected_interval or d.expected_interval),
+            expected_interval_seconds=interval,
             max_runtime_seconds=parse_duration(entry.max_runtime or d.max_runtime),
             runbook_url=entry.runbook_url or d.runbook_url,
             thresholds=entry.thresholds.items() if entry.thresholds else {},
+            expected_interval_explicit=entry.expected_interval is not None or entry.schedule is not None,
+            schedule=entry.schedule,
+            schedule_grace_seconds=parse_duration(entry.schedule_grace or d.schedule_grace),
         )
 
     def default_spec(self, name: str, team: str = UNOWNED_TEAM) -> PipelineSpec:

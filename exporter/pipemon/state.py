@@ -13,6 +13,17 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
+from pipemon import schedule
+from pipemon.baseline import (
+    MIN_DURATION_SPREAD_SECONDS,
+    NO_JUDGEMENT,
+    Judgement,
+    RunHistory,
+    baseline_of,
+    judge,
+    log_duration,
+    log_records,
+)
 from pipemon.events import Abandon, Finish, Forget, Record, Start
 from pipemon.registry import PipelineSpec
 
@@ -22,6 +33,11 @@ DURATION_BUCKETS: tuple[float, ...] = (
     1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
 )
 STARTED, FINISHED = 1, 2
+JUDGED_RUNS = 3  # the latest successful runs judged against their baselines (alerts may want confirmation)
+SUCCESS_WINDOWS = (10, 50)  # success ratios over this many latest runs
+OUTCOME_BITS = max(SUCCESS_WINDOWS)
+GAPS_KEPT = 16  # start-to-start gaps kept to learn a pipeline's interval ...
+MIN_GAPS = 4  # ... and how many it needs first
 
 
 class Snapshot(msgspec.Struct, array_like=True):
@@ -47,19 +63,28 @@ class Snapshot(msgspec.Struct, array_like=True):
     pending: tuple[float, float] | None
     seen: dict[str, int]
     covers_seq: int = 0  # the last log sequence applied to this state; replay skips up to it
+    # Since the detection rework; `ring` and `pending` above are kept empty (older checkpoints still load).
+    history: list[tuple[float, float, float]] = []  # successful runs: (finished at, duration, records)
+    outcomes: int = 0  # bit i: the i-th latest run (in order) succeeded
+    outcome_count: int = 0
+    last_failure_ts: float = 0.0
+    last_start_ts: float = 0.0  # start of the latest run (in order)
+    gaps: list[float] = []  # start-to-start gaps of the latest runs
+    starts_seen: bool = False  # the pipeline reports starts (so a due run shows up as soon as it starts)
 
 
 class PipelineState:
     """Everything pipemon knows about one pipeline. `version` changes whenever an exported value does."""
 
     __slots__ = (
-        "bucket_counts", "consecutive_failures", "duration_count", "duration_sum", "in_progress",
-        "last_run_duration", "last_run_records", "last_run_success", "last_run_throughput", "last_run_ts",
-        "last_success_ts", "name", "pending", "records_total", "ring", "runs_failure", "runs_success", "seen",
-        "spec", "team", "version",
+        "_judged", "baseline_size", "bucket_counts", "consecutive_failures", "duration_count", "duration_sum",
+        "gaps", "history", "in_progress", "last_failure_ts", "last_run_duration", "last_run_records",
+        "last_run_success", "last_run_throughput", "last_run_ts", "last_start_ts", "last_success_ts", "name",
+        "outcome_count", "outcomes", "records_total", "runs_failure", "runs_success", "seen", "spec",
+        "starts_seen", "team", "version",
     )
 
-    def __init__(self, spec: PipelineSpec, baseline_size: int) -> None:
+    def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336) -> None:
         self.name = spec.name
         self.spec = spec
         self.team = spec.team
@@ -78,19 +103,79 @@ class PipelineState:
         self.last_run_throughput = NAN
         self.consecutive_failures = 0
         self.in_progress: dict[str, float] = {}
-        # Successful runs' (duration, throughput); the latest one waits in `pending` so that the
-        # baseline never includes the run being judged.
-        self.ring: deque[tuple[float, float]] = deque(maxlen=baseline_size)
-        self.pending: tuple[float, float] | None = None
         self.seen: dict[str, int] = {}
+        # Successful runs in order; each is judged against the runs before it, never against itself.
+        self.baseline_size = baseline_size
+        self.history = RunHistory(history_size)
+        self._judged: tuple[int, RecentJudgements] | None = None  # cache, keyed by history.appended
+        self.outcomes = 0
+        self.outcome_count = 0
+        self.last_failure_ts = 0.0
+        self.last_start_ts = 0.0
+        self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
+        self.starts_seen = False
 
     # ---- baselines -----------------------------------------------------------------------------------
 
-    def duration_baseline(self) -> tuple[float, float]:
-        return _mean_stddev([d for d, _ in self.ring])
+    def judgements(self) -> RecentJudgements:
+        """The latest JUDGED_RUNS successful runs (latest first), each against the runs before it."""
+        key = self.history.appended
+        if self._judged is None or self._judged[0] != key:
+            # One new run since the last look: the older judgements stand, only the newest is made.
+            reuse = self._judged[1] if self._judged is not None and self._judged[0] == key - 1 else None
+            self._judged = (key, self._judge_recent(reuse))
+        return self._judged[1]
 
-    def throughput_baseline(self) -> tuple[float, float]:
-        return _mean_stddev([t for _, t in self.ring if not math.isnan(t)])
+    def _judge_recent(self, previous: RecentJudgements | None) -> RecentJudgements:
+        history, size = self.history, self.baseline_size
+        timestamps = history.ordered("ts")
+        durations, records = history.ordered("duration"), history.ordered("records")
+        d_profile = history.profile("duration", log_duration)
+        r_profile = history.profile("records", log_records)
+        duration: list[Judgement] = []
+        volume: list[Judgement] = []
+        count = JUDGED_RUNS
+        if previous is not None and (previous.duration_profile, previous.records_profile) == (d_profile, r_profile):
+            count = 1
+        for index in range(len(timestamps) - 1, max(-1, len(timestamps) - 1 - count), -1):
+            duration.append(judge(baseline_of(timestamps, durations, index, size, d_profile), durations[index],
+                                  log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS))
+            volume.append(judge(baseline_of(timestamps, records, index, size, r_profile), records[index],
+                                log_records, math.expm1))
+        if count == 1 and previous is not None:
+            duration += previous.duration[:JUDGED_RUNS - 1]
+            volume += previous.records[:JUDGED_RUNS - 1]
+        pad = [NO_JUDGEMENT] * (JUDGED_RUNS - len(duration))
+        return RecentJudgements(tuple(duration + pad), tuple(volume + pad), d_profile, r_profile)
+
+    def success_ratio(self, window: int) -> float:
+        """The share of successes among the latest `window` runs (fewer if fewer ran); NaN if none."""
+        runs = min(window, self.outcome_count)
+        if not runs:
+            return NAN
+        return (self.outcomes & ((1 << runs) - 1)).bit_count() / runs
+
+    def expected_interval(self) -> float:
+        """The registry's interval, else the median of the pipeline's own recent start-to-start gaps."""
+        if self.spec.expected_interval_explicit or len(self.gaps) < MIN_GAPS:
+            return self.spec.expected_interval_seconds
+        return sorted(self.gaps)[len(self.gaps) // 2]
+
+    def next_run_due(self, epoch: float) -> float:
+        """When the next run should show up: the schedule's next fire after the latest start, else the
+        latest start plus the expected interval. Counted from `epoch` (the exporter's start) if it never ran.
+        Without START events a run shows up when it finishes, so its typical duration is added."""
+        since = self.last_start_ts or epoch
+        if self.spec.schedule:
+            # half an interval on: a run that started a little before its fire time is that fire's run
+            tolerance = 0.5 * self.spec.expected_interval_seconds if self.last_start_ts else 0.0
+            due = schedule.next_fire(self.spec.schedule, since + tolerance)
+        else:
+            due = since + self.expected_interval()
+        if self.last_start_ts and not self.starts_seen:
+            expected = self.judgements().duration[0].expected
+            due += 0.0 if math.isnan(expected) else expected
+        return due
 
     def oldest_start(self) -> float:
         return min(self.in_progress.values(), default=0.0)
@@ -104,35 +189,49 @@ class PipelineState:
             self.name, self.team, self.runs_success, self.runs_failure, list(self.bucket_counts),
             self.duration_sum, self.duration_count, self.records_total, self.last_run_ts, self.last_success_ts,
             self.last_run_success, self.last_run_duration, self.last_run_records, self.last_run_throughput,
-            self.consecutive_failures, self.in_progress, list(self.ring), self.pending, self.seen, covers_seq,
+            self.consecutive_failures, self.in_progress, [], None, self.seen, covers_seq,
+            self.history.to_rows(), self.outcomes, self.outcome_count, self.last_failure_ts, self.last_start_ts,
+            list(self.gaps), self.starts_seen,
         )
 
     @classmethod
-    def restore(cls, snap: Snapshot, spec: PipelineSpec, baseline_size: int) -> PipelineState:
-        state = cls(spec, baseline_size)
+    def restore(cls, snap: Snapshot, spec: PipelineSpec, baseline_size: int,
+                history_size: int = 336) -> PipelineState:
+        state = cls(spec, baseline_size, history_size)
         for name in Snapshot.__struct_fields__:
-            if name not in ("ring", "name", "covers_seq"):
+            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps"):
                 setattr(state, name, getattr(snap, name))
-        state.ring.extend(tuple(sample) for sample in snap.ring)
-        state.pending = tuple(snap.pending) if snap.pending else None
+        rows = snap.history or _rows_of_old_ring(snap)
+        state.history = RunHistory.from_rows(history_size, rows)
+        state.gaps.extend(snap.gaps)
         if len(state.bucket_counts) != len(DURATION_BUCKETS) + 1:  # buckets changed between versions
             state.bucket_counts = [0] * len(DURATION_BUCKETS) + [state.duration_count]
         return state
 
 
-def _mean_stddev(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return NAN, NAN
-    mean = math.fsum(values) / len(values)
-    variance = math.fsum((v - mean) ** 2 for v in values) / len(values)
-    return mean, math.sqrt(variance)
+def _rows_of_old_ring(snap: Snapshot) -> list[tuple[float, float, float]]:
+    """A checkpoint from before the detection rework: (duration, throughput) samples without times."""
+    samples = [*snap.ring, *([snap.pending] if snap.pending else [])]
+    return [(NAN, d, t * d if not math.isnan(t) else NAN) for d, t in samples]
+
+
+class RecentJudgements(msgspec.Struct, frozen=True):
+    """The latest successful runs (latest first) against their baselines, and the seasonal profiles used."""
+
+    duration: tuple[Judgement, ...]
+    records: tuple[Judgement, ...]
+    duration_profile: str
+    records_profile: str
 
 
 class Pipelines:
     """All tracked pipelines; applies records and remembers recent run ids to make retries harmless."""
 
-    def __init__(self, baseline_size: int = 30, dedup_window: int = 1000) -> None:
+    def __init__(self, baseline_size: int = 30, dedup_window: int = 1000, history_size: int = 336,
+                 epoch: float = 0.0) -> None:
         self.baseline_size = baseline_size
+        self.history_size = history_size
+        self.epoch = epoch  # the exporter's start: what a pipeline that never ran is timed from
         self.dedup_window = dedup_window
         self.by_name: dict[str, PipelineState] = {}
         self.dirty: set[str] = set()  # changed since the last checkpoint
@@ -150,7 +249,7 @@ class Pipelines:
     def ensure(self, spec: PipelineSpec) -> PipelineState:
         state = self.by_name.get(spec.name)
         if state is None:
-            state = self.by_name[spec.name] = PipelineState(spec, self.baseline_size)
+            state = self.by_name[spec.name] = PipelineState(spec, self.baseline_size, self.history_size)
             self.dirty.add(spec.name)
             self.forgotten.discard(spec.name)  # re-created after a delete: the checkpoint must keep it
         return state
@@ -200,6 +299,7 @@ class Pipelines:
             return "duplicate"
         self._remember(state, rec.run_id, STARTED)
         state.in_progress[rec.run_id] = rec.started_at
+        state.starts_seen = True
         return "accepted"
 
     def _finish(self, state: PipelineState, rec: Finish) -> str:
@@ -209,10 +309,10 @@ class Pipelines:
         state.in_progress.pop(rec.run_id, None)
         throughput = _throughput(rec.records, rec.duration)
         self._count(state, rec.success, rec.duration, rec.records)
-        in_order = rec.finished_at >= state.last_run_ts
-        if rec.success:
-            self._add_baseline_sample(state, (rec.duration, throughput), in_order)
-        if in_order:
+        # Out-of-order finishes count, but judging them or learning from them would judge history
+        # against the future; baselines, streaks and the latest-run facts follow the runs in order.
+        if rec.finished_at >= state.last_run_ts:
+            self._learn_run(state, rec)
             self._set_last_run(state, rec.success, rec.finished_at, rec.duration, rec.records, throughput)
         return "accepted"
 
@@ -222,6 +322,7 @@ class Pipelines:
         self._remember(state, rec.run_id, FINISHED)
         self._count(state, False, None, None)
         if rec.at >= state.last_run_ts:
+            self._learn_outcome(state, False)
             self._set_last_run(state, False, rec.at, None, None, NAN)
         return "accepted"
 
@@ -239,15 +340,22 @@ class Pipelines:
             state.records_total += records
 
     @staticmethod
-    def _add_baseline_sample(state: PipelineState, sample: tuple[float, float], in_order: bool) -> None:
-        if sample[0] is None:  # a success without a duration (OpenLineage COMPLETE without START)
-            return
-        if not in_order:
-            state.ring.append(sample)
-            return
-        if state.pending is not None:
-            state.ring.append(state.pending)
-        state.pending = sample
+    def _learn_outcome(state: PipelineState, success: bool) -> None:
+        state.outcomes = ((state.outcomes << 1) | int(success)) & ((1 << OUTCOME_BITS) - 1)
+        state.outcome_count = min(state.outcome_count + 1, OUTCOME_BITS)
+
+    @staticmethod
+    def _learn_run(state: PipelineState, rec: Finish) -> None:
+        """What a run in order teaches: its outcome, its start-to-start gap, and (a success) its baseline
+        sample."""
+        Pipelines._learn_outcome(state, rec.success)
+        started = rec.finished_at - (rec.duration or 0.0)
+        if state.last_start_ts and started > state.last_start_ts:
+            state.gaps.append(started - state.last_start_ts)
+        state.last_start_ts = max(started, state.last_start_ts)
+        if rec.success and rec.duration is not None:  # a COMPLETE without START has no duration to learn
+            records = NAN if rec.records is None else float(rec.records)
+            state.history.append(rec.finished_at, rec.duration, records)
 
     @staticmethod
     def _set_last_run(state: PipelineState, success: bool, at: float, duration: float | None,
@@ -261,11 +369,8 @@ class Pipelines:
             state.last_success_ts = at
             state.consecutive_failures = 0
         else:
+            state.last_failure_ts = at
             state.consecutive_failures += 1
-            # The latest run is now a failure: the last success may join the baseline.
-            if state.pending is not None:
-                state.ring.append(state.pending)
-                state.pending = None
 
 
 def _throughput(records: int | None, duration: float | None) -> float:
