@@ -1,7 +1,6 @@
 """The state machine that applies run records: baselines, streaks, out-of-order events, retries."""
 
 import math
-import statistics
 
 import msgspec
 from hypothesis import given, settings
@@ -11,7 +10,7 @@ from pipemon.events import Abandon, Finish, Start
 from pipemon.registry import PipelineSpec
 from pipemon.state import Pipelines, PipelineState
 
-SPEC = PipelineSpec("p", "data", "standard", 3600, 600, None)
+SPEC = PipelineSpec("p", "data", "standard", 3600, 600, None, expected_interval_explicit=True)
 
 
 def spec_for(name, team):
@@ -32,22 +31,56 @@ def apply_all(records, baseline_size=30):
 def test_baseline_excludes_the_latest_run():
     durations = [10, 12, 11, 13, 100]
     state, _ = apply_all([finish(f"r{i}", i, duration=d) for i, d in enumerate(durations)])
-    mean, stddev = state.duration_baseline()
-    assert mean == statistics.fmean(durations[:-1])
-    assert math.isclose(stddev, statistics.pstdev(durations[:-1]))
+    latest = state.judgements().duration[0]
+    # the median (in log space: the geometric mean of the middle two) of the runs before it, not 100
+    assert math.isclose(latest.expected, math.sqrt(11 * 12))
+    assert latest.samples == 4
+    assert math.isclose(latest.ratio, 100 / latest.expected)
     assert state.last_run_duration == 100
-    assert len(state.ring) == 4
 
 
-def test_baseline_ring_is_bounded_and_keeps_the_newest():
-    state, _ = apply_all([finish(f"r{i}", i, duration=float(i)) for i in range(50)], baseline_size=5)
-    assert [d for d, _ in state.ring] == [44, 45, 46, 47, 48]  # 49 is the run being judged
+def test_each_recent_run_is_judged_against_the_runs_before_it():
+    state, _ = apply_all([finish(f"r{i}", i, duration=float(10 + i)) for i in range(50)], baseline_size=5)
+    judged = state.judgements().duration
+    assert [round(j.expected, 9) for j in judged] == [56, 55, 54]  # medians of 54..58, 53..57, 52..56
+    assert all(j.samples == 5 for j in judged)
+    assert len(state.history) == 50
 
 
-def test_after_a_failure_the_last_success_joins_the_baseline():
+def test_history_is_bounded_and_keeps_the_newest():
+    pipelines = Pipelines(baseline_size=5, history_size=8)
+    pipelines.ensure(SPEC)
+    for i in range(20):
+        pipelines.apply(finish(f"r{i}", i, duration=float(i)), spec_for)
+    assert pipelines.get("p").history.ordered("duration") == [float(i) for i in range(12, 20)]
+
+
+def test_failures_are_not_baseline_samples():
     state, _ = apply_all([finish("a", 1, duration=10), finish("b", 2, duration=20), finish("c", 3, success=False)])
-    assert [d for d, _ in state.ring] == [10, 20]
-    assert state.consecutive_failures == 1 and state.last_success_ts == 2
+    assert state.history.ordered("duration") == [10, 20]
+    assert math.isclose(state.judgements().duration[0].expected, 10)  # the latest success (20) against 10
+    assert state.consecutive_failures == 1 and state.last_success_ts == 2 and state.last_failure_ts == 3
+
+
+def test_success_ratios_count_the_latest_runs_in_order():
+    runs = [finish(f"r{i}", i, success=i % 4 != 0) for i in range(1, 61)]  # every 4th fails
+    runs.append(finish("late", 0.5, success=False))  # out of order: counted, not a recent run
+    state, _ = apply_all(runs)
+    assert state.success_ratio(10) == 7 / 10  # runs 51..60: 52, 56 and 60 failed
+    assert state.success_ratio(50) == 37 / 50  # runs 11..60: 12, 16, ..., 60 failed
+    assert state.runs_failure == 16
+
+
+def test_the_interval_is_learned_from_start_gaps_unless_the_registry_gives_one():
+    runs = [finish(f"r{i}", 1000 + i * 300 + (7 if i % 3 else 0), duration=5.0) for i in range(10)]
+    state, _ = apply_all(runs)
+    assert state.expected_interval() == SPEC.expected_interval_seconds  # SPEC is explicit
+    pipelines = Pipelines()
+    for run in runs:
+        pipelines.apply(run, spec_for)  # unregistered: learned
+    learned = pipelines.get("p")
+    assert learned.expected_interval() in (293, 300, 307)
+    assert learned.next_run_due() == learned.last_start_ts + learned.expected_interval() + 5.0  # no STARTs
 
 
 def test_consecutive_failures_reset_on_success():

@@ -96,6 +96,12 @@ def inhibit_rules() -> list[dict[str, Any]]:
             "target_matchers": [f'severity=~"{lower}"'],
             "equal": ["team", "pipeline"],
         })
+    # One cause, one alert: a slow run or a run with few records also has a low throughput.
+    rules.append({
+        "source_matchers": ['alertname=~"PipelineDurationAnomaly|PipelineVolumeLow"', 'pipeline!=""'],
+        "target_matchers": ['alertname="PipelineThroughputDrop"'],
+        "equal": ["team", "pipeline"],
+    })
     return rules
 
 

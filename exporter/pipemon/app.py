@@ -219,11 +219,10 @@ async def get_pipeline(request: web.Request) -> web.Response:
     if state is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     judged = state.judgements()
-    pipelines = _exporter(request).recorder.pipelines
     detail = pipeline_summary(state) | {
         "expected_interval_seconds": state.expected_interval(),
         "expected_interval_learned": not state.spec.expected_interval_explicit,
-        "schedule": state.spec.schedule, "next_run_due_timestamp": state.next_run_due(pipelines.epoch),
+        "schedule": state.spec.schedule, "next_run_due_timestamp": state.next_run_due() or None,
         "max_runtime_seconds": state.spec.max_runtime_seconds, "runbook_url": state.spec.runbook_url,
         "thresholds": state.spec.thresholds, "in_progress": state.in_progress,
         "last_run": {"duration_seconds": _finite(state.last_run_duration),

@@ -109,7 +109,7 @@ def _per_run(metric: str, labels: str, values: list[float]) -> str:
     return "".join(f'{metric}{{{labels},runs_ago="{i}"}} {format_value(value)}\n' for i, value in enumerate(values))
 
 
-def pipeline_blocks(state: PipelineState, epoch: float = 0.0) -> tuple[bytes, ...]:
+def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
     """The sample lines of one pipeline, one block per family in FAMILIES order."""
     labels = f'pipeline="{escape_label_value(state.name)}",team="{escape_label_value(state.team)}"'
     spec, v = state.spec, format_value
@@ -148,7 +148,7 @@ def pipeline_blocks(state: PipelineState, epoch: float = 0.0) -> tuple[bytes, ..
         f"pipeline_runs_in_progress{{{labels}}} {len(state.in_progress)}\n",
         f"pipeline_oldest_run_start_timestamp_seconds{{{labels}}} {v(state.oldest_start())}\n",
         f"pipeline_last_failure_timestamp_seconds{{{labels}}} {v(state.last_failure_ts)}\n",
-        f"pipeline_next_run_due_timestamp_seconds{{{labels}}} {v(state.next_run_due(epoch))}\n",
+        f"pipeline_next_run_due_timestamp_seconds{{{labels}}} {v(state.next_run_due())}\n",
         grace,
         "".join(f'pipeline_recent_runs_success_ratio{{{labels},runs="{n}"}} {v(state.success_ratio(n))}\n'
                 for n in SUCCESS_WINDOWS),
@@ -265,8 +265,7 @@ class MetricsRenderer:
 
     async def _current_segments(self) -> list[_Segment]:
         """The segments of the current pipelines, re-joining those where a pipeline changed."""
-        pipelines = self._pipelines()
-        states = list(pipelines)
+        states = list(self._pipelines())
         versions = [state.version for state in states]
         old, fresh = self._segments, []
         rerendered = 0
@@ -279,8 +278,7 @@ class MetricsRenderer:
                 for state in seg_states:
                     cached = self._cache.get(state.name)
                     if cached is None or cached[0] is not state or cached[1] != state.version:
-                        blocks_of = pipeline_blocks(state, pipelines.epoch)
-                        cached = self._cache[state.name] = (state, state.version, blocks_of)
+                        cached = self._cache[state.name] = (state, state.version, pipeline_blocks(state))
                         rerendered += 1
                         if rerendered % RERENDER_CHUNK == 0:
                             await asyncio.sleep(0)  # a full re-render must not stall ingest

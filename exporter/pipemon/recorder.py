@@ -74,8 +74,7 @@ class Recorder:
         self.metrics = metrics
         self.settings = settings
         self.clock = clock
-        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size,
-                                   epoch=clock())
+        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size)
         # Submissions wait in a plain list; the writer takes all of them at once (a group commit).
         self._pending: list[_Submission] = []
         self._wake = asyncio.Event()

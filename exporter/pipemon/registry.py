@@ -41,8 +41,13 @@ class ThresholdOverrides(msgspec.Struct, forbid_unknown_fields=True, omit_defaul
     success_ratio_high: Ratio | None = None
     duration_zscore_medium: PositiveFloat | None = None
     duration_zscore_high: PositiveFloat | None = None
+    duration_ratio_min: Annotated[float, msgspec.Meta(ge=1)] | None = None
     throughput_ratio_high: Ratio | None = None
+    volume_zscore_high: PositiveFloat | None = None
+    volume_ratio_high: Ratio | None = None
+    failed_runs_low: Count | None = None
     consecutive_failures_critical: Count | None = None
+    failing_seconds_critical: PositiveFloat | None = None
     min_runs: Count | None = None
     min_baseline_samples: Count | None = None
     stale_grace_factor: Annotated[float, msgspec.Meta(ge=1)] | None = None

@@ -161,18 +161,19 @@ class PipelineState:
             return self.spec.expected_interval_seconds
         return sorted(self.gaps)[len(self.gaps) // 2]
 
-    def next_run_due(self, epoch: float) -> float:
+    def next_run_due(self) -> float:
         """When the next run should show up: the schedule's next fire after the latest start, else the
-        latest start plus the expected interval. Counted from `epoch` (the exporter's start) if it never ran.
-        Without START events a run shows up when it finishes, so its typical duration is added."""
-        since = self.last_start_ts or epoch
+        latest start plus the expected interval; 0 if it never ran (the rules then count from the exporter's
+        start). Without START events a run shows up when it finishes, so its typical duration is added."""
+        if not self.last_start_ts:
+            return 0.0
         if self.spec.schedule:
             # half an interval on: a run that started a little before its fire time is that fire's run
-            tolerance = 0.5 * self.spec.expected_interval_seconds if self.last_start_ts else 0.0
-            due = schedule.next_fire(self.spec.schedule, since + tolerance)
+            tolerance = 0.5 * self.spec.expected_interval_seconds
+            due = schedule.next_fire(self.spec.schedule, self.last_start_ts + tolerance)
         else:
-            due = since + self.expected_interval()
-        if self.last_start_ts and not self.starts_seen:
+            due = self.last_start_ts + self.expected_interval()
+        if not self.starts_seen:
             expected = self.judgements().duration[0].expected
             due += 0.0 if math.isnan(expected) else expected
         return due
@@ -227,11 +228,9 @@ class RecentJudgements(msgspec.Struct, frozen=True):
 class Pipelines:
     """All tracked pipelines; applies records and remembers recent run ids to make retries harmless."""
 
-    def __init__(self, baseline_size: int = 30, dedup_window: int = 1000, history_size: int = 336,
-                 epoch: float = 0.0) -> None:
+    def __init__(self, baseline_size: int = 30, dedup_window: int = 1000, history_size: int = 336) -> None:
         self.baseline_size = baseline_size
         self.history_size = history_size
-        self.epoch = epoch  # the exporter's start: what a pipeline that never ran is timed from
         self.dedup_window = dedup_window
         self.by_name: dict[str, PipelineState] = {}
         self.dirty: set[str] = set()  # changed since the last checkpoint
@@ -300,6 +299,7 @@ class Pipelines:
         self._remember(state, rec.run_id, STARTED)
         state.in_progress[rec.run_id] = rec.started_at
         state.starts_seen = True
+        self._learn_start(state, rec.started_at)
         return "accepted"
 
     def _finish(self, state: PipelineState, rec: Finish) -> str:
@@ -340,6 +340,15 @@ class Pipelines:
             state.records_total += records
 
     @staticmethod
+    def _learn_start(state: PipelineState, started: float) -> None:
+        """A run's start is activity (a pipeline that starts runs is not stale) and a gap to learn from."""
+        if started <= state.last_start_ts:
+            return  # a late START of an older run
+        if state.last_start_ts:
+            state.gaps.append(started - state.last_start_ts)
+        state.last_start_ts = started
+
+    @staticmethod
     def _learn_outcome(state: PipelineState, success: bool) -> None:
         state.outcomes = ((state.outcomes << 1) | int(success)) & ((1 << OUTCOME_BITS) - 1)
         state.outcome_count = min(state.outcome_count + 1, OUTCOME_BITS)
@@ -350,9 +359,8 @@ class Pipelines:
         sample."""
         Pipelines._learn_outcome(state, rec.success)
         started = rec.finished_at - (rec.duration or 0.0)
-        if state.last_start_ts and started > state.last_start_ts:
-            state.gaps.append(started - state.last_start_ts)
-        state.last_start_ts = max(started, state.last_start_ts)
+        if started > state.last_start_ts + 1:  # else its START told already
+            Pipelines._learn_start(state, started)
         if rec.success and rec.duration is not None:  # a COMPLETE without START has no duration to learn
             records = NAN if rec.records is None else float(rec.records)
             state.history.append(rec.finished_at, rec.duration, records)
