@@ -1,0 +1,1 @@
+"""Helpers of bench/detection.py: fleet simulator, exporter feed, rule evaluation, Alertmanager model, report."""
