@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rules-dir", type=Path, default=REPO / "rules")
     ap.add_argument("--alertmanager-config", type=Path, default=REPO / "alertmanager" / "alertmanager.yml")
     ap.add_argument("--rules-rev", help="take rules/ and alertmanager/alertmanager.yml from this git revision")
+    ap.add_argument("--exporter-rev", help="run the exporter of this git revision (default: --rules-rev's, so old"
+                    " rules read the metrics of their own exporter; 'tree' for the working tree's)")
     ap.add_argument("--registry-features", choices=("auto", "schedule", "none"), default="auto",
                     help="schedule: write schedule:/schedule_grace: to the registry; auto: if check-config takes it")
     ap.add_argument("--incident-types", default=",".join(fleet.INCIDENT_TYPES))
@@ -74,9 +76,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--work-dir", type=Path, help="keep the work files here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
+    args.exporter_src = None
     if args.quick:
         args.pipelines, args.days, args.warmup_days = 20, 10, 7
     return args
+
+
+def exporter_from_rev(rev: str, into: Path) -> Path:
+    """exporter/ of a git revision, extracted into `into`: its directory goes on PYTHONPATH."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "exporter"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "exporter"
 
 
 def rules_from_rev(rev: str, into: Path) -> tuple[Path, Path]:
@@ -89,18 +101,18 @@ def rules_from_rev(rev: str, into: Path) -> tuple[Path, Path]:
 
 def schedule_features(args: argparse.Namespace, work: Path) -> bool:
     if args.registry_features == "auto":
-        return feed.exporter_accepts_schedule(work)
+        return feed.exporter_accepts_schedule(work, args.exporter_src)
     return args.registry_features == "schedule"
 
 
 def run_exporter(sim: fleet.Fleet, rules: prom.RuleSet, work: Path, features: bool, record_start: float,
-                 scrape_interval: float) -> tuple[Path, feed.FeedStats]:
+                 args: argparse.Namespace) -> tuple[Path, feed.FeedStats]:
     registry = work / "pipelines.yaml"
     feed.write_registry(sim.pipelines, registry, features)
     om = work / "scrapes.om"
     names = rules.referenced_names() | {"up", "process_start_time_seconds"}
-    with feed.exporter(work, registry) as port, om.open("w") as out:
-        stats = feed.feed(sim, port, record_start, scrape_interval, names, out)
+    with feed.exporter(work, registry, args.exporter_src) as port, om.open("w") as out:
+        stats = feed.feed(sim, port, record_start, args.scrape_interval, names, out, rules.sample_density_matters())
     return om, stats
 
 
@@ -135,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         rules_dir, am_config = args.rules_dir, args.alertmanager_config
         if args.rules_rev:
             rules_dir, am_config = rules_from_rev(args.rules_rev, work)
+        exporter_rev = args.exporter_rev or args.rules_rev
+        if exporter_rev and exporter_rev != "tree":
+            args.exporter_src = exporter_from_rev(exporter_rev, work / "exporter-rev")
         return run(args, work, rules_dir, am_config, phases)
 
 
@@ -144,7 +159,8 @@ def run(args: argparse.Namespace, work: Path, rules_dir: Path, am_config: Path, 
     sim = fleet.simulate_fleet(args.pipelines, args.days, args.warmup_days, args.seed, end, types, args.per_type)
     phases.done("simulate", f"{len(sim.pipelines)} pipelines, {len(sim.runs)} runs, {len(sim.incidents)} incidents,"
                 f" {len(sim.traps)} traps")
-    rules = prom.load_rules(rules_dir)
+    all_rules = prom.load_rules(rules_dir)
+    rules = all_rules.for_alerts()
     am = notify.load_config(am_config)
     hold = max((prom.parse_duration(r.body.get("for")) + prom.parse_duration(r.body.get("keep_firing_for"))
                 for r in rules.alerting), default=0.0)
@@ -152,11 +168,12 @@ def run(args: argparse.Namespace, work: Path, rules_dir: Path, am_config: Path, 
     levels, raw_start = prom.needed_starts(rules, alert_start)
     record_start = max(sim.start, (raw_start // 60) * 60)
     features = schedule_features(args, work)
-    phases.done("rules", f"{rules_dir} ({', '.join(rules.files)}): {len(rules.recording)} recording in"
+    phases.done("rules", f"{rules_dir} ({', '.join(rules.files)}): {len(rules.recording)} of"
+                f" {len(all_rules.recording)} recording rules read by alerts, in"
                 f" {len(levels)} levels, {len(rules.alerting)} alerting; registry schedule fields:"
                 f" {'yes' if features else 'no'}; scrapes recorded from {(sim.end - record_start) / 86400:.1f}"
                 " days before the end")
-    om, stats = run_exporter(sim, rules, work, features, record_start, args.scrape_interval)
+    om, stats = run_exporter(sim, rules, work, features, record_start, args)
     phases.done("exporter", f"{stats.sent} events sent ({stats.accepted} accepted, {stats.duplicate} duplicate,"
                 f" {stats.rejected} rejected), {stats.scrapes} scrapes, {stats.samples} samples")
     for reason, n in stats.rejections.items():
@@ -177,8 +194,10 @@ def print_report(result: report.Report, sim: fleet.Fleet, args: argparse.Namespa
                  features: bool) -> None:
     types = list(EXPECTED)
     print()
-    print(f"rules: {args.rules_rev or rules_dir}; {len(sim.pipelines)} pipelines, {args.days:g} days"
-          f" ({args.warmup_days:g} warm-up), seed {args.seed}; registry schedule fields: {'yes' if features else 'no'}")
+    exporter = args.exporter_rev or args.rules_rev or "tree"
+    print(f"rules: {args.rules_rev or rules_dir}; exporter: {exporter}; {len(sim.pipelines)} pipelines,"
+          f" {args.days:g} days ({args.warmup_days:g} warm-up), seed {args.seed}; registry schedule fields:"
+          f" {'yes' if features else 'no'}")
     print()
     print("\n".join(report.incident_table(result, types)))
     print()

@@ -27,6 +27,8 @@ RANGE = re.compile(r"\[\s*([0-9smhdwy]+)\s*(?::\s*[0-9smhdwy]*\s*)?\]")
 OFFSET = re.compile(r"\boffset\s+(-?[0-9smhdwy]+)")
 DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+DENSITY_FUNCTIONS = re.compile(r"\b(avg|count|sum|quantile|stddev|stdvar)_over_time\b|\b(irate|idelta|deriv|"
+                               r"predict_linear|holt_winters)\s*\(")
 MAX_POINTS = 10_000  # Prometheus refuses query_range with more than 11,000 points per series
 
 
@@ -73,6 +75,27 @@ class RuleSet:
     @property
     def alerting(self) -> list[Rule]:
         return [r for r in self.rules if r.is_alert]
+
+    def for_alerts(self) -> RuleSet:
+        """The alerting rules and the recording rules they read, directly or through other recording rules
+        (dashboard-only rules change no alert, and their long windows would cost days of extra scrapes)."""
+        producers: dict[str, list[Rule]] = {}
+        for rule in self.recording:
+            producers.setdefault(rule.name, []).append(rule)
+        needed: list[Rule] = []
+        todo = list(self.alerting)
+        while todo:
+            rule = todo.pop()
+            if any(rule is r for r in needed):
+                continue
+            needed.append(rule)
+            todo += [p for name in rule.tokens() & producers.keys() for p in producers[name]]
+        return RuleSet([r for r in self.rules if any(r is n for n in needed)], self.files)
+
+    def sample_density_matters(self) -> bool:
+        """Whether an expr aggregates samples over time in a way that depends on how many were scraped (then
+        every scrape is written, not only changes plus a snapshot every few minutes)."""
+        return any(DENSITY_FUNCTIONS.search(r.body["expr"]) for r in self.rules)
 
     def referenced_names(self) -> set[str]:
         names: set[str] = set()
