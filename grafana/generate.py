@@ -151,8 +151,8 @@ def base(uid: str, title: str, description: str) -> dash.Dashboard:
 
 # ---- pipemon-overview ----------------------------------------------------------------------------------
 
-STALE_AFTER = (f"max by (pipeline, team) (pipeline_expected_interval_seconds{{{JOB}}}) * on (pipeline, team)"
-               ' pipeline_team:pipeline_alert_threshold:effective{threshold="stale_grace_factor"}')
+OVERDUE = ("pipeline_team:pipeline_next_run:overdue_seconds > bool on (pipeline, team)"
+           " pipeline_team:pipeline_next_run:grace_seconds")
 
 
 def overview() -> dash.Dashboard:
@@ -168,10 +168,9 @@ def overview() -> dash.Dashboard:
                                 "(team:pipelines_failing:count).", "none",
                                 query("sum(team:pipelines_failing:count)", instant=True), span=6,
                                 thresholds=bad_when_positive))
-             .with_panel(single("Stale pipelines", "Pipelines without a success for longer than their expected "
-                                "interval times the stale grace factor (what PipelineStale alerts on).", "none",
-                                query(f"sum(pipeline_team:pipeline_last_success:age_seconds > bool on (pipeline, team)"
-                                      f" ({STALE_AFTER}))", instant=True), span=6,
+             .with_panel(single("Stale pipelines", "Pipelines whose next run is overdue by more than its grace "
+                                "(what PipelineStale alerts on, before runs in progress are left out).", "none",
+                                query(f"sum({OVERDUE})", instant=True), span=6,
                                 thresholds=bad_when_positive))
              .with_panel(single("Pipelines", "Pipelines with runs or listed in the registry (team:pipelines:count).",
                                 "none", query("sum(team:pipelines:count)", instant=True), span=6,
@@ -204,75 +203,56 @@ def overview() -> dash.Dashboard:
                                               f"(pipeline_consecutive_failures{{{JOB}}}) > 0)",
                                               instant=True, table_format=True),
                                 thresholds=steps((None, "orange"), (3, "red"))))
-            .with_panel(listing("Time since last success, in expected intervals", "How long each pipeline has gone "
-                                "without a success, divided by its expected interval; PipelineStale fires above the "
-                                "grace factor (1.5 by default).", "none",
-                                query("sort_desc(pipeline_team:pipeline_last_success:age_seconds / on (pipeline, team)"
-                                      f" max by (pipeline, team) (pipeline_expected_interval_seconds{{{JOB}}}))",
+            .with_panel(listing("Overdue runs, in grace periods", "How long each pipeline's next run is overdue, "
+                                "divided by its grace (the schedule's, or half the expected interval; below 0: "
+                                "not due yet); PipelineStale fires above 1.", "none",
+                                query("sort_desc(pipeline_team:pipeline_next_run:overdue_seconds / on (pipeline, team)"
+                                      " pipeline_team:pipeline_next_run:grace_seconds)",
                                       instant=True, table_format=True),
-                                thresholds=steps((None, "green"), (1, "orange"), (1.5, "red")))))
+                                thresholds=steps((None, "green"), (0.5, "orange"), (1, "red")))))
 
 
 # ---- pipemon-pipeline --------------------------------------------------------------------------------
 
 
-def band(metric: str, sigmas: int) -> str:
-    """`mean ± |sigmas| * stddev` of the `metric` baseline (e.g. pipeline_duration, seconds), floored at 0."""
-    name, unit = metric.split(":")
-    mean = f"{name}_baseline_mean_{unit}{{{PIPELINE}}}"
-    std = f"{name}_baseline_stddev_{unit}{{{PIPELINE}}}"
-    if sigmas > 0:
-        return f"{mean} + {sigmas} * {std}"
-    return f"clamp_min({mean} - {-sigmas} * {std}, 0)"
-
-
-def duration_band(sigmas: int) -> str:
-    return band("pipeline_duration:seconds", sigmas)
-
-
-def throughput_band(sigmas: int) -> str:
-    return band("pipeline_throughput:records_per_second", sigmas)
-
-
 def duration_panel() -> timeseries.Panel:
-    panel = graph("Duration against its baseline", "Duration of the latest run, with the mean of recent successful "
-                  "runs and the ±2σ and ±3σ bands that PipelineDurationAnomaly alerts on.", "s", [
-                      query(f"pipeline_last_run_duration_seconds{{{PIPELINE}}}", "latest run"),
-                      query(f"pipeline_duration_baseline_mean_seconds{{{PIPELINE}}}", "baseline mean"),
-                      query(duration_band(2), "+2σ"), query(duration_band(-2), "−2σ"),
-                      query(duration_band(3), "+3σ"), query(duration_band(-3), "−3σ"),
-                  ]).fill_opacity(0)
-    panel = fill_between(panel, "+2σ", "−2σ", "green")
-    panel = fill_between(panel, "+3σ", "−3σ", "yellow")
-    return fixed_colors(panel, {"latest run": "blue", "baseline mean": "text"})
+    return fixed_colors(graph(
+        "Duration against its baseline", "Duration of the latest run, with the median of the recent successful runs "
+        "it was judged against (of its seasonal slot) and 1.5× that: a run must be this slow, and beyond 2σ/3σ in "
+        "log space, for PipelineDurationAnomaly.", "s", [
+            query(f"pipeline_last_run_duration_seconds{{{PIPELINE}}}", "latest run"),
+            query(f"pipeline_duration_baseline_seconds{{{PIPELINE}}}", "baseline median"),
+            query(f"pipeline_duration_baseline_seconds{{{PIPELINE}}} * on (pipeline, team) group_left () "
+                  f'pipeline_team:pipeline_alert_threshold:effective{{{RULE},threshold="duration_ratio_min"}}',
+                  "smallest change alerted"),
+        ]).fill_opacity(0), {"latest run": "blue", "baseline median": "text", "smallest change alerted": "orange"})
 
 
 def zscore_panel() -> timeseries.Panel:
     return fixed_colors(graph(
-        "Duration z-score", "How many standard deviations the latest run's duration is from the baseline mean "
-        "(pipeline_team:pipeline_run_duration:zscore), against this pipeline's alert thresholds.", "none", [
-            query(f"pipeline_team:pipeline_run_duration:zscore{{{RULE}}}", "z-score"),
+        "Duration z-score", "How many (log-space, robust) standard deviations the latest successful run's duration "
+        "lies from its baseline (pipeline_run_duration_zscore), against this pipeline's alert thresholds.", "none", [
+            query(f'pipeline_run_duration_zscore{{{PIPELINE},runs_ago="0"}}', "z-score"),
             query(f'pipeline_team:pipeline_alert_threshold:effective{{{RULE},threshold=~"duration_zscore_.*"}}',
                   "{{threshold}}"),
         ]), {"z-score": "blue", "duration_zscore_medium": "orange", "duration_zscore_high": "red"})
 
 
 def throughput_panel() -> timeseries.Panel:
-    panel = graph("Throughput against its baseline", "Records per second of the latest run, with the baseline mean "
-                  "and its ±2σ band.", "rps", [
-                      query(f"pipeline_last_run_throughput_records_per_second{{{PIPELINE}}}", "latest run"),
-                      query(f"pipeline_throughput_baseline_mean_records_per_second{{{PIPELINE}}}", "baseline mean"),
-                      query(throughput_band(2), "+2σ"), query(throughput_band(-2), "−2σ"),
-                  ]).fill_opacity(0)
-    return fixed_colors(fill_between(panel, "+2σ", "−2σ", "green"), {"latest run": "blue", "baseline mean": "text"})
+    return fixed_colors(graph(
+        "Records against their baseline", "Records of the latest run, with the median of the recent successful runs "
+        "(PipelineVolumeLow fires far below it).", "none", [
+            query(f"pipeline_last_run_records{{{PIPELINE}}}", "latest run"),
+            query(f"pipeline_records_baseline{{{PIPELINE}}}", "baseline median"),
+        ]).fill_opacity(0), {"latest run": "blue", "baseline median": "text"})
 
 
 def throughput_ratio_panel() -> timeseries.Panel:
     return fixed_colors(graph(
-        "Throughput / baseline", "The latest run's throughput as a share of the baseline mean "
-        "(pipeline_team:pipeline_throughput:ratio); PipelineThroughputDrop fires below the threshold.",
-        "percentunit", [
-            query(f"pipeline_team:pipeline_throughput:ratio{{{RULE}}}", "throughput ratio"),
+        "Throughput / baseline", "The latest run's records per second as a share of its baseline's (records ratio "
+        "over duration ratio); PipelineThroughputDrop fires below the threshold.", "percentunit", [
+            query(f'pipeline_run_records_ratio{{{PIPELINE},runs_ago="0"}} / pipeline_run_duration_ratio{{{PIPELINE}}}',
+                  "throughput ratio"),
             query(f'pipeline_team:pipeline_alert_threshold:effective{{{RULE},threshold="throughput_ratio_high"}}',
                   "alert threshold"),
         ]), {"throughput ratio": "blue", "alert threshold": "red"}).min(0)

@@ -19,7 +19,8 @@ CONFIG = RULES_DIR / "config.yaml"
 RULE_FILES = sorted(RULES_DIR.glob("*.yml"))
 TEST_FILES = sorted((REPO / "tests" / "rules").glob("*.test.yml"))
 ALERT_NAMES = {
-    "PipelineSuccessRateLow", "PipelineDurationAnomaly", "PipelineThroughputDrop", "PipelineRunFailed",
+    "PipelineSuccessRateLow", "PipelineDurationAnomaly", "PipelineThroughputDrop", "PipelineVolumeLow",
+    "PipelineRunFailed",
     "PipelineConsecutiveFailures", "PipelineStale", "PipelineRunStuck", "PipelineExporterDown",
     "PipelineEventsRejected",
 }
@@ -91,7 +92,9 @@ def test_config_threshold_names_match_the_registry() -> None:
         (lambda c: c["thresholds"].update(success_ratio_high=1.5), "$.thresholds.success_ratio_high"),
         (lambda c: c["for"].update(PipelineStale="soon"), "$.for.PipelineStale"),
         (lambda c: c.update(extra=1), "unknown field `extra`"),
-        (lambda c: c["success_rate"].update(alert_windows=["6h"]), "alert window 6h"),
+        (lambda c: c["schedule_classes"].reverse(), "longest first"),
+        (lambda c: c["schedule_classes"][0].update(runs_high=4), "$.schedule_classes[0].runs_high"),
+        (lambda c: c["schedule_classes"][0].update(success_window=20), "$.schedule_classes[0].success_window"),
     ],
 )
 def test_invalid_config_is_rejected_clearly(tmp_path: Path, change, message: str) -> None:
@@ -120,7 +123,7 @@ def test_severities_follow_the_issue_table() -> None:
     assert severities == {
         ("PipelineSuccessRateLow", "medium"), ("PipelineSuccessRateLow", "high"),
         ("PipelineDurationAnomaly", "medium"), ("PipelineDurationAnomaly", "high"),
-        ("PipelineThroughputDrop", "high"), ("PipelineRunFailed", "low"),
+        ("PipelineThroughputDrop", "high"), ("PipelineVolumeLow", "high"), ("PipelineRunFailed", "low"),
         ("PipelineConsecutiveFailures", "critical"), ("PipelineStale", "high"), ("PipelineRunStuck", "high"),
         ("PipelineExporterDown", "critical"), ("PipelineEventsRejected", "medium"),
     }

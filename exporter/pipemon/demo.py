@@ -7,8 +7,11 @@ Schedules run in seconds instead of hours; each pipeline first gets a backfilled
 ready at once. Trouble (each on its own pipeline, so each alert stands alone):
 - `ledger_reconcile` (finance) fails every run: PipelineRunFailed, then PipelineConsecutiveFailures;
 - `events_ingest` (data-eng) fails about half its runs: PipelineSuccessRateLow;
-- `dbt_marts_nightly` (analytics) has one run ten times slower than usual: PipelineDurationAnomaly;
-- `features_user_daily` (ml-platform) collapses to a tenth of its records: PipelineThroughputDrop;
+- `dbt_marts_nightly` (analytics) has three runs ten times slower than usual: PipelineDurationAnomaly
+  (a frequent pipeline needs consecutive slow runs);
+- `features_user_daily` (ml-platform) collapses to a tenth of its records: PipelineVolumeLow;
+- `features_item_hourly` (ml-platform) gets slower while processing fewer records (neither alone alerts):
+  PipelineThroughputDrop;
 - `invoices_export` (finance) stops reporting: PipelineStale;
 - `spark_sessionize` (ml-platform) starts a run that never finishes: PipelineRunStuck.
 """
@@ -43,9 +46,9 @@ TEAMS = {
                 "billing_usage_rollup", "tax_report", "payouts_batch", "chargeback_sync", "budget_snapshot",
                 "dunning_run", "gl_close_prep"],
 }
-FAILING, FLAKY, SLOW, COLLAPSING, SILENT, STUCK = (
-    "ledger_reconcile", "events_ingest", "dbt_marts_nightly", "features_user_daily", "invoices_export",
-    "spark_sessionize")
+FAILING, FLAKY, SLOW, COLLAPSING, THROTTLED, SILENT, STUCK = (
+    "ledger_reconcile", "events_ingest", "dbt_marts_nightly", "features_user_daily", "features_item_hourly",
+    "invoices_export", "spark_sessionize")
 BACKFILL_RUNS = 15
 
 
@@ -132,10 +135,12 @@ class DemoTraffic:
             return False, duration * 0.2, 0
         if p.name == FLAKY:
             return self.rng.random() > 0.6, duration, records
-        if p.name == SLOW and 30 < age < 30 + p.period:
+        if p.name == SLOW and 30 < age < 30 + 3 * p.period:
             return True, duration * 10, records * 10  # slower, same throughput: one alert, not two
         if p.name == COLLAPSING and age > 40:
             return True, duration, records // 10
+        if p.name == THROTTLED and age > 40:
+            return True, duration * 1.4, int(records * 0.6)  # 43% of its usual records per second
         return success, duration, records
 
     def _finished(self, p: DemoPipeline, success: bool, duration: float, records: int, at: float) -> dict:

@@ -344,8 +344,10 @@ class Pipelines:
         """A run's start is activity (a pipeline that starts runs is not stale) and a gap to learn from."""
         if started <= state.last_start_ts:
             return  # a late START of an older run
-        if state.last_start_ts:
-            state.gaps.append(started - state.last_start_ts)
+        gap = started - state.last_start_ts
+        # A gap far below the learned interval is a retry or a backfill burst, not the schedule.
+        if state.last_start_ts and (len(state.gaps) < MIN_GAPS or gap >= state.expected_interval() / 10):
+            state.gaps.append(gap)
         state.last_start_ts = started
 
     @staticmethod
