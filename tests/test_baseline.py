@@ -1,0 +1,89 @@
+"""How the exporter judges a run: log space, median/MAD, floors, and seasonality learned from history."""
+
+import math
+import random
+
+from pipemon.baseline import RunHistory, choose_profile, judge, log_duration, log_records
+from pipemon.events import Finish
+from pipemon.registry import PipelineSpec
+from pipemon.state import Pipelines
+
+HOUR, DAY = 3600, 86400
+T0 = 1_767_225_600  # Thursday 2026-01-01 00:00 UTC
+
+
+def history_of(duration_at, runs: int, every: float = HOUR, sigma: float = 0.15, seed: int = 1) -> Pipelines:
+    """A pipeline's successful runs every `every` seconds, lognormal around `duration_at(t)`."""
+    rng = random.Random(seed)
+    pipelines = Pipelines()
+    spec = PipelineSpec("p", "data", "standard", every, 4 * HOUR, None, expected_interval_explicit=True)
+    pipelines.ensure(spec)
+    for i in range(runs):
+        start = T0 + i * every
+        duration = duration_at(start) * math.exp(sigma * rng.gauss(0, 1))
+        pipelines.apply(Finish("p", f"r{i}", True, start + duration, duration, int(duration * 100)),
+                        lambda name, team: spec)
+    return pipelines
+
+
+def is_night(ts: float) -> bool:
+    return 1 <= int(ts // HOUR) % 24 < 4
+
+
+def test_a_skewed_outlier_in_the_baseline_does_not_hide_the_next_one():
+    baseline = [100.0] * 20 + [900.0]  # one very slow run in the history
+    verdict = judge(baseline, 400.0, log_duration, math.exp, 1.0)
+    assert math.isclose(verdict.expected, 100.0)  # the median ignores the outlier
+    assert verdict.zscore > 3 and math.isclose(verdict.ratio, 4.0)
+
+
+def test_spread_floors_keep_a_steady_pipeline_quiet():
+    verdict = judge([60.0] * 30, 62.0, log_duration, math.exp, 1.0)  # zero spread, +2 s
+    assert 0 < verdict.zscore < 1  # floored at 5% of the value, not a division by zero
+    short = judge([2.0] * 30, 3.0, log_duration, math.exp, 1.0)  # +1 s on a 2 s job is jitter
+    assert short.zscore < 1.01  # ln(3/2) / ln(1 + 1 s / 2 s): exactly one floored σ
+
+
+def test_zero_records_against_a_normal_baseline_is_far_below():
+    verdict = judge([5000.0, 5200.0, 4900.0] * 5, 0.0, log_records, math.expm1)
+    assert verdict.ratio == 0 and verdict.zscore < -50
+
+
+def test_a_nightly_peak_is_learned_and_its_runs_are_not_anomalies():
+    pipelines = history_of(lambda t: 1200.0 if is_night(t) else 600.0, runs=24 * 14 + 2)  # ends at 01:00
+    state = pipelines.get("p")
+    judged = state.judgements()
+    assert judged.duration_profile in ("hour", "daypart")
+    latest = judged.duration[0]  # a 01:00 run of about 1200 s
+    assert 900 < latest.expected < 1600 and abs(latest.zscore) < 2
+
+
+def test_without_a_rhythm_no_profile_is_used():
+    pipelines = history_of(lambda t: 600.0, runs=24 * 14)
+    assert pipelines.get("p").judgements().duration_profile == "none"
+
+
+def test_a_weekend_dip_in_volume_is_learned():
+    rng = random.Random(3)
+    timestamps = [T0 + i * DAY / 4 for i in range(4 * 60)]
+    weekend = [int(ts // DAY + 3) % 7 >= 5 for ts in timestamps]
+    records = [(2000 if w else 10000) * math.exp(0.1 * rng.gauss(0, 1)) for w in weekend]
+    assert choose_profile(timestamps, records, log_records) == "weekday"
+
+
+def test_a_slow_run_at_the_peak_is_still_caught():
+    def duration_at(t: float) -> float:
+        slow = t >= T0 + (24 * 14 + 1) * HOUR  # the last run: three times the usual night
+        return (1200.0 if is_night(t) else 600.0) * (3 if slow else 1)
+
+    latest = history_of(duration_at, runs=24 * 14 + 2).get("p").judgements().duration[0]
+    assert latest.zscore > 3 and latest.ratio > 2
+
+
+def test_history_rows_survive_a_round_trip():
+    history = RunHistory(4)
+    for i in range(6):
+        history.append(float(i), float(10 + i), float("nan") if i == 5 else float(i * 100))
+    again = RunHistory.from_rows(4, history.to_rows())
+    assert again.ordered("duration") == [12.0, 13.0, 14.0, 15.0]
+    assert math.isnan(again.ordered("records")[-1])
