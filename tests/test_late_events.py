@@ -24,6 +24,7 @@ pipelines:
 """
 SWEEP = ("--sweep-interval", "0.05")  # the sweep gets to every run in progress, even mid-replay
 RUNS, PIPELINES, CHUNK = 10_000, 5, 500
+STUCK = ("stuck_live", "stuck_late", "stuck_mixed")
 
 
 def exporter(tmp_path, name: str, *extra: str) -> Exporter:
@@ -190,18 +191,21 @@ def test_a_run_that_never_finishes_still_ends_as_a_failure_after_its_time(tmp_pa
     exp = exporter(tmp_path, "stuck", "--sweep-interval", "0.1", "--abandon-after-factor", "2").start()
     try:
         hours_ago = time.time() - 5 * 3600
+        live_finish = time.time()  # stuck_mixed: a live run, then a START of a backlog
+        send(exp.url, "runs", [{"pipeline": "stuck_mixed", "run_id": "z", "status": "success",
+                                "finished_at": iso(live_finish), "duration_seconds": 1}])
         sent = time.time()
         send(exp.url, "runs/start", [{"pipeline": "stuck_live", "run_id": "a", "started_at": iso(sent)},
-                                     {"pipeline": "stuck_late", "run_id": "b", "started_at": iso(hours_ago)}])
+                                     {"pipeline": "stuck_late", "run_id": "b", "started_at": iso(hours_ago)},
+                                     {"pipeline": "stuck_mixed", "run_id": "c", "started_at": iso(hours_ago)}])
         if kill:
             time.sleep(1)
             exp.kill9() if kill == "kill9" else exp.stop()  # a clean stop checkpoints: restored from snapshots
             exp.start()
         time.sleep(max(0.0, sent + limit - 1.5 - time.time()))
-        # The late START is judged from its arrival, not from its 5 hours old timestamp.
-        assert [run_facts(exp.url, p)["runs_in_progress"] for p in ("stuck_live", "stuck_late")] == [1, 1]
-        wait_for(lambda: all(run_facts(exp.url, p)["runs_in_progress"] == 0 for p in ("stuck_live", "stuck_late")),
-                 10, "both abandonments")
+        # The late STARTs are judged from their arrival, not from their 5 hours old timestamp.
+        assert [run_facts(exp.url, p)["runs_in_progress"] for p in STUCK] == [1, 1, 1]
+        wait_for(lambda: all(run_facts(exp.url, p)["runs_in_progress"] == 0 for p in STUCK), 10, "the abandonments")
         ended = time.time()
         # After its time, and not postponed by the restart: the arrival is stored with the START.
         assert sent + limit <= ended <= sent + limit + 2.5, ended - sent
@@ -209,10 +213,14 @@ def test_a_run_that_never_finishes_still_ends_as_a_failure_after_its_time(tmp_pa
             summary = run_facts(exp.url, pipeline)
             assert (summary["runs_failure"], summary["runs_success"], summary["consecutive_failures"]) == (1, 0, 1)
             assert summary["last_run_timestamp"] == pytest.approx(own_time, abs=1e-3)
+        # A run finished after it started: that one stays the latest run, the streak stays 0.
+        summary = run_facts(exp.url, "stuck_mixed")
+        assert (summary["runs_failure"], summary["runs_success"], summary["consecutive_failures"]) == (1, 1, 0)
+        assert summary["last_run_timestamp"] == pytest.approx(live_finish, abs=1e-3)
         exp.kill9()
         exp.start()
         time.sleep(0.3)
-        for pipeline in ("stuck_live", "stuck_late"):
+        for pipeline in STUCK:
             summary = run_facts(exp.url, pipeline)
             assert (summary["runs_failure"], summary["runs_in_progress"]) == (1, 0)
     finally:

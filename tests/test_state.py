@@ -175,6 +175,12 @@ def test_a_finish_after_the_abandonment_replaces_it():
         assert outcomes[-2:] == ["accepted", "accepted"]
         assert facts(late) == facts(live)
         assert late.runs_reverted == 1 and late.abandoned == {} and late.last_abandoned == ""
+    # A finish stamped before its own START (the clocks of two hosts): the run before the abandonment is the
+    # yardstick again, so the finish is the latest run as it would be live.
+    history = [finish("x", 1), Start("p", "a", 5.0)]
+    late, _ = apply_all([*history, Abandon("p", "a", 5.0), finish("a", 3)])
+    live, _ = apply_all([*history, finish("a", 3)])
+    assert facts(late) == facts(live) and late.last_run_ts == 3
     # The same finish again, and a retried START, are duplicates.
     pipelines = Pipelines()
     for record in [Start("p", "a", 5.0), Abandon("p", "a", 5.0), finish("a", 20)]:
@@ -298,15 +304,28 @@ def test_abandonments_taken_back_by_their_finishes_leave_what_live_traffic_gives
 
 def test_a_checkpoint_keeps_the_data_clock_arrivals_and_abandonments():
     now = 100_000.0
+    # A live event of now, then a replayed backlog's STARTs: only their arrival keeps them from being overdue.
     state, _ = apply_all([finish("x", now - 20_000), Start("p", "a", now - 18_000, None, now),
-                          Start("p", "b", now - 18_000, None, now), Abandon("p", "b", now - 18_000)])
+                          Start("p", "b", now - 18_000, None, now), Abandon("p", "b", now - 18_000),
+                          Start("p", "c", now - 18_000, None, now), finish("live", now)])
     blob = msgspec.msgpack.encode(state.snapshot())
     restored = PipelineState.restore(msgspec.msgpack.decode(blob, type=type(state.snapshot())), SPEC, 30)
     for when in (now + 10, now + LIMIT + 1):
         assert restored.overdue(when, LIMIT) == state.overdue(when, LIMIT)
     assert restored.overdue(now + 10, LIMIT) == []
+    assert [run_id for run_id, _ in restored.overdue(now + LIMIT + 1, LIMIT)] == ["a", "c"]
     pipelines = Pipelines()
     pipelines.by_name["p"] = restored
     assert pipelines.apply(finish("b", now - 17_990), spec_for) == "accepted"
-    assert (restored.runs_failure, restored.runs_success, restored.runs_reverted) == (0, 2, 1)
-    assert (restored.last_run_ts, restored.consecutive_failures) == (now - 17_990, 0)
+    assert (restored.runs_failure, restored.runs_success, restored.runs_reverted) == (0, 3, 1)
+    assert (restored.last_run_ts, restored.consecutive_failures) == (now, 0)
+
+
+def test_abandonments_taken_back_out_of_order_never_leave_a_taken_back_failure_as_the_latest_run():
+    # a and b abandoned, b the latest run; a's finish comes first, then b's, stamped before b's own START (the
+    # clocks of two hosts). Neither run failed: the latest run must not be a's abandonment.
+    records = [finish("x", 1), Start("p", "a", 5.0), Start("p", "b", 6.0), Abandon("p", "a", 5.0),
+               Abandon("p", "b", 6.0), finish("a", 5.5), finish("b", 4)]
+    state, _ = apply_all(records)
+    assert (state.runs_success, state.runs_failure, state.consecutive_failures) == (3, 0, 0)
+    assert state.last_run_success and state.last_run_ts >= 4
