@@ -302,7 +302,10 @@ async def test_a_start_that_never_finishes_is_abandoned_as_a_failure(exporter, c
     await asyncio.sleep(0.1)
     q = {"pipeline": "quick_job", "team": "t"}
     assert value(await metrics(client), "pipeline_runs_in_progress", **q) == 1  # 5 s < 3 × 10 s
-    now[0] += 30
+    now[0] += 25  # 30 s after the start, but the START arrived 5 s late: its grace runs from the arrival
+    await asyncio.sleep(0.1)
+    assert value(await metrics(client), "pipeline_runs_in_progress", **q) == 1
+    now[0] += 6
     for _ in range(100):
         text = await metrics(client)
         if value(text, "pipeline_runs_in_progress", **q) == 0:
@@ -311,10 +314,15 @@ async def test_a_start_that_never_finishes_is_abandoned_as_a_failure(exporter, c
     assert value(text, "pipeline_runs_total", **q, status="failure") == 1
     assert value(text, "pipemon_runs_abandoned_total") == 1
     assert value(text, "pipeline_run_duration_seconds_count", **q) == 0
-    # The terminal event arriving after all is a duplicate: the run was counted once, as abandoned.
-    assert (await ol.answer(ol_event(RunState.COMPLETE, run_id, now[0], name="quick_job")))["status"] == "duplicate"
+    # The terminal event arriving after all replaces the abandonment: the run is a success, with its duration.
+    assert (await ol.answer(ol_event(RunState.COMPLETE, run_id, now[0], name="quick_job")))["status"] == "accepted"
     text = await metrics(client)
-    assert value(text, "pipeline_runs_total", **q, status="success") == 0
+    assert value(text, "pipeline_runs_total", **q, status="success") == 1
+    assert value(text, "pipeline_runs_abandonment_reverted_total", **q) == 1
+    assert value(text, "pipemon_runs_abandonment_reverted_total") == 1
+    assert value(text, "pipeline_run_duration_seconds_count", **q) == 1
+    assert (value(text, "pipeline_last_run_success", **q), value(text, "pipeline_consecutive_failures", **q)) == (1, 0)
+    assert (await ol.answer(ol_event(RunState.COMPLETE, run_id, now[0], name="quick_job")))["status"] == "duplicate"
 
 
 @pytest.mark.slow

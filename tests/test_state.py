@@ -114,7 +114,7 @@ def test_start_then_finish_closes_the_run_and_late_start_is_ignored():
 
 def test_abandoned_run_counts_as_failure_once():
     state, outcomes = apply_all([Start("p", "a", 5.0), Abandon("p", "a", 100.0), Abandon("p", "a", 101.0),
-                                 finish("a", 102)])
+                                 Start("p", "a", 5.0)])
     assert outcomes == ["accepted", "accepted", "duplicate", "duplicate"]
     assert (state.runs_failure, state.runs_success, state.consecutive_failures) == (1, 0, 1)
     assert math.isnan(state.last_run_duration)
@@ -175,3 +175,190 @@ def _abandoned(records):
             ended.add(r.run_id)
             abandoned.add(r.run_id)
     return abandoned
+
+
+# ---- abandoned runs (issue 14): judged in the data's own time, replaced by a finish that arrives after all ----
+
+
+def facts(state):
+    """What a pipeline exports about its runs: counts, histogram, streak, last-run facts and baselines."""
+    return (state.runs_success, state.runs_failure, list(state.bucket_counts), state.duration_sum,
+            state.duration_count, state.records_total, state.last_run_ts, state.last_success_ts,
+            state.last_run_success, repr(state.last_run_duration), repr(state.last_run_records),
+            repr(state.last_run_throughput), state.consecutive_failures, dict(state.in_progress),
+            repr(state.history.to_rows()), state.outcomes, state.outcome_count, state.last_failure_ts)
+
+
+def test_an_abandonment_counts_at_the_runs_own_time_never_the_sweeps():
+    state, _ = apply_all([Start("p", "a", 5.0), Abandon("p", "a", 1000.0)])
+    assert (state.runs_failure, state.last_run_ts, state.last_run_success, state.consecutive_failures) == \
+        (1, 5.0, False, 1)
+    # Runs that finished after it started stay the latest run; the abandonment does not join the streak.
+    state, _ = apply_all([Start("p", "a", 5.0), finish("b", 50), Abandon("p", "a", 1000.0), finish("c", 40)])
+    assert (state.runs_failure, state.runs_success) == (1, 2)
+    assert (state.last_run_ts, state.last_run_success, state.consecutive_failures) == (50, True, 0)
+
+
+def test_a_finish_after_the_abandonment_replaces_it():
+    for success in (True, False):
+        history = [finish("x", 1, records=3), Start("p", "a", 5.0)]
+        done = finish("a", 20, success=success, duration=15.0, records=7)
+        late, outcomes = apply_all([*history, Abandon("p", "a", 900.0), done])
+        live, _ = apply_all([*history, done])
+        assert outcomes[-2:] == ["accepted", "accepted"]
+        assert facts(late) == facts(live)
+        assert late.runs_reverted == 1 and late.abandoned == {} and late.last_abandoned == ""
+    # A finish stamped before its own START (the clocks of two hosts): the run before the abandonment is the
+    # yardstick again, so the finish is the latest run as it would be live.
+    history = [finish("x", 1), Start("p", "a", 5.0)]
+    late, _ = apply_all([*history, Abandon("p", "a", 5.0), finish("a", 3)])
+    live, _ = apply_all([*history, finish("a", 3)])
+    assert facts(late) == facts(live) and late.last_run_ts == 3
+    # The same finish again, and a retried START, are duplicates.
+    pipelines = Pipelines()
+    for record in [Start("p", "a", 5.0), Abandon("p", "a", 5.0), finish("a", 20)]:
+        pipelines.apply(record, spec_for)
+    assert [pipelines.apply(r, spec_for) for r in (finish("a", 20), Start("p", "a", 5.0))] == ["duplicate"] * 2
+    assert pipelines.reverted == 1
+
+
+def test_a_late_finish_takes_the_abandonment_out_of_the_streak():
+    # Abandoned, then other runs; the abandoned run's finish arrives last (as a live sequence would apply it).
+    for between, success in [("failure", True), ("failure", False), ("success", True), ("success", False)]:
+        base = [finish("s", 1), Start("p", "a", 2.0)]
+        other = finish("b", 3, success=between == "success")
+        done = finish("a", 4, success=success)
+        late, _ = apply_all([*base, Abandon("p", "a", 2.0), other, done])
+        live, _ = apply_all([*base, other, done])
+        assert facts(late) == facts(live), (between, success)
+
+
+def test_several_abandonments_taken_back_in_any_order_leave_the_live_facts():
+    base = [finish("s", 1, duration=3.0), Start("p", "a", 2.0), Start("p", "b", 3.0)]
+    for order in (("a", "b"), ("b", "a")):
+        done = {"a": finish("a", 10, duration=8.0), "b": finish("b", 11, success=False, duration=8.0)}
+        late, _ = apply_all([*base, Abandon("p", "a", 2.0), Abandon("p", "b", 3.0), *(done[r] for r in order)])
+        live, _ = apply_all([*base, *(done[r] for r in order)])
+        assert facts(late) == facts(live), order
+        assert late.runs_reverted == 2
+
+
+def test_the_dedup_window_forgets_abandoned_runs_with_their_ids():
+    pipelines = Pipelines(dedup_window=2)
+    pipelines.ensure(SPEC)
+    for record in [Start("p", "a", 1.0), Abandon("p", "a", 1.0), finish("b", 2), finish("c", 3)]:
+        pipelines.apply(record, spec_for)
+    state = pipelines.get("p")
+    assert state.abandoned == {}
+    assert pipelines.apply(finish("a", 4), spec_for) == "accepted"  # beyond the window: a new run
+    assert (state.runs_success, state.runs_failure, state.runs_reverted) == (3, 1, 0)
+
+
+LIMIT = 30.0  # 3 × a max runtime of 10 s
+
+
+def overdue(records, now):
+    state, _ = apply_all(records)
+    return [run_id for run_id, _ in state.overdue(now, LIMIT)]
+
+
+def test_a_live_run_that_never_finishes_is_overdue_after_its_time():
+    assert overdue([Start("p", "a", 1000.0)], 1029.0) == []
+    assert overdue([Start("p", "a", 1000.0)], 1031.0) == ["a"]  # the pipeline went quiet: wall clock
+    busy = [Start("p", "a", 1000.0), *(finish(f"r{i}", 1000.0 + i) for i in range(40))]
+    assert overdue(busy, 1031.0) == ["a"]
+
+
+def test_a_replayed_backlog_is_not_overdue_while_it_replays():
+    now = 100_000.0
+    # START five hours old, arriving now, its finish still to come in the same replay.
+    late_start = Start("p", "a", now - 18_000, None, now)
+    assert overdue([late_start], now + 1) == []
+    # A replay slower than the limit: the data clock has not passed the run's allowance yet.
+    slow = [late_start, *(finish(f"r{i}", now - 18_000 + i) for i in range(20))]
+    slow = [r if isinstance(r, Start) else msgspec.structs.replace(r, received_at=now + 100) for r in slow]
+    assert overdue(slow, now + 100) == []
+    # Live events of the same pipeline (a second sender) do not make the replayed START overdue at once...
+    mixed = [finish("live", now), late_start]
+    assert overdue(mixed, now + 5) == []
+    # ...and it still ends after its time, counted from its arrival, when its finish never comes.
+    assert overdue(mixed, now + LIMIT + 1) == ["a"]
+    assert overdue([late_start], now + LIMIT + 1) == ["a"]
+
+
+def test_a_backlog_run_without_finish_is_overdue_once_the_replayed_data_passed_it():
+    now = 100_000.0
+    start = Start("p", "a", now - 18_000, None, now)
+    later = [msgspec.structs.replace(finish(f"r{i}", now - 18_000 + 60 * i), received_at=now + 40) for i in range(5)]
+    assert overdue([start, *later], now + 40) == ["a"]  # 240 s of data after its start, 40 s after arrival
+
+
+def test_checkpoints_and_log_records_from_before_keep_loading():
+    state, _ = apply_all([finish("a", 1, records=2), Start("p", "b", 5.0)])
+    old = msgspec.msgpack.encode(list(msgspec.structs.astuple(state.snapshot(7)))[:20])  # no issue-14 fields
+    snap = msgspec.msgpack.decode(old, type=type(state.snapshot()))
+    restored = PipelineState.restore(snap, SPEC, 30)
+    assert (restored.runs_success, restored.in_progress, restored.data_clock, restored.abandoned) == \
+        (1, {"b": 5.0}, 0.0, {})
+    assert restored.overdue(5.0 + LIMIT + 1, LIMIT) == [("b", 5.0)]  # as before: by its start
+    # A Start, Finish and Abandon as written before: no arrival field; the Abandon at the sweep's time.
+    decoder = msgspec.msgpack.Decoder(Start | Finish | Abandon)
+    records = [decoder.decode(msgspec.msgpack.encode(r)) for r in (["s", "p", "c", 9.0, None],
+                                                                    ["a", "p", "c", 5000.0])]
+    pipelines = Pipelines()
+    pipelines.by_name["p"] = restored
+    assert [pipelines.apply(r, spec_for) for r in records] == ["accepted", "accepted"]
+    assert (restored.last_run_ts, restored.runs_failure) == (9.0, 1)
+
+
+live_runs = st.lists(
+    st.tuples(st.floats(0, 1000), st.floats(0, 100), st.booleans(), st.booleans()),  # start, duration, ok, abandon
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(live_runs, st.randoms(use_true_random=False))
+def test_abandonments_taken_back_by_their_finishes_leave_what_live_traffic_gives(runs, rng):
+    """Runs sent live (START, then the finish, all in time order); some are abandoned between the two. Once
+    every finish has arrived the pipeline says exactly what it says without the abandonments."""
+    events = []
+    for i, (start, duration, ok, abandon) in enumerate(runs):
+        events.append((start, 0, Start("p", f"r{i}", start)))
+        events.append((start + duration, 2, finish(f"r{i}", start + duration, ok, duration)))
+        if abandon:  # the sweep got to it at some point before its finish
+            events.append((rng.uniform(start, start + duration), 1, Abandon("p", f"r{i}", start)))
+    events.sort(key=lambda e: (e[0], e[1]))
+    late, _ = apply_all([e[2] for e in events], baseline_size=4)
+    live, _ = apply_all([e[2] for e in events if not isinstance(e[2], Abandon)], baseline_size=4)
+    assert facts(late) == facts(live)
+    assert late.runs_reverted == sum(1 for *_, abandon in runs if abandon)
+
+
+def test_a_checkpoint_keeps_the_data_clock_arrivals_and_abandonments():
+    now = 100_000.0
+    # A live event of now, then a replayed backlog's STARTs: only their arrival keeps them from being overdue.
+    state, _ = apply_all([finish("x", now - 20_000), Start("p", "a", now - 18_000, None, now),
+                          Start("p", "b", now - 18_000, None, now), Abandon("p", "b", now - 18_000),
+                          Start("p", "c", now - 18_000, None, now), finish("live", now)])
+    blob = msgspec.msgpack.encode(state.snapshot())
+    restored = PipelineState.restore(msgspec.msgpack.decode(blob, type=type(state.snapshot())), SPEC, 30)
+    for when in (now + 10, now + LIMIT + 1):
+        assert restored.overdue(when, LIMIT) == state.overdue(when, LIMIT)
+    assert restored.overdue(now + 10, LIMIT) == []
+    assert [run_id for run_id, _ in restored.overdue(now + LIMIT + 1, LIMIT)] == ["a", "c"]
+    pipelines = Pipelines()
+    pipelines.by_name["p"] = restored
+    assert pipelines.apply(finish("b", now - 17_990), spec_for) == "accepted"
+    assert (restored.runs_failure, restored.runs_success, restored.runs_reverted) == (0, 3, 1)
+    assert (restored.last_run_ts, restored.consecutive_failures) == (now, 0)
+
+
+def test_abandonments_taken_back_out_of_order_never_leave_a_taken_back_failure_as_the_latest_run():
+    # a and b abandoned, b the latest run; a's finish comes first, then b's, stamped before b's own START (the
+    # clocks of two hosts). Neither run failed: the latest run must not be a's abandonment.
+    records = [finish("x", 1), Start("p", "a", 5.0), Start("p", "b", 6.0), Abandon("p", "a", 5.0),
+               Abandon("p", "b", 6.0), finish("a", 5.5), finish("b", 4)]
+    state, _ = apply_all(records)
+    assert (state.runs_success, state.runs_failure, state.consecutive_failures) == (3, 0, 0)
+    assert state.last_run_success and state.last_run_ts >= 4

@@ -52,7 +52,8 @@ class Exporter:
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
                                     history_size=config.history_size,
-                                    abandon_after_factor=config.abandon_after_factor)
+                                    abandon_after_factor=config.abandon_after_factor,
+                                    sweep_interval=config.sweep_interval)
         storage = Storage(state_path(config.state_dir), config.storage_sync)
         self.recorder = Recorder(self.load_registry(), storage, self.metrics, settings, clock)
         self.renderer = MetricsRenderer(lambda: self.recorder.pipelines, self.metrics.registry)
@@ -204,6 +205,7 @@ def pipeline_summary(state: PipelineState) -> dict[str, Any]:
         "runs_success": state.runs_success, "runs_failure": state.runs_failure,
         "last_run_timestamp": state.last_run_ts or None, "last_success_timestamp": state.last_success_ts or None,
         "consecutive_failures": state.consecutive_failures, "runs_in_progress": len(state.in_progress),
+        "abandonments_reverted": state.runs_reverted,
     }
 
 

@@ -29,6 +29,7 @@ class ServeConfig:
     history_size: int = 336
     dedup_window: int = 1000
     abandon_after_factor: float = 3.0
+    sweep_interval: float = 30.0
     lineage_pipeline_name: str = "{name}"
 
 
@@ -55,6 +56,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "run ids remembered per pipeline to recognise retries"),
     ("--abandon-after-factor", "PIPEMON_ABANDON_AFTER_FACTOR", "abandon_after_factor", float,
      "a run in progress for this many max runtimes is abandoned and counted as failed"),
+    ("--sweep-interval", "PIPEMON_SWEEP_INTERVAL", "sweep_interval", float,
+     "seconds between two looks for abandoned runs"),
     ("--lineage-pipeline-name", "PIPEMON_LINEAGE_PIPELINE_NAME", "lineage_pipeline_name", str,
      "pipeline name of an OpenLineage job, from {name} and {namespace}, e.g. '{namespace}/{name}'"),
 )

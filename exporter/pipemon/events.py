@@ -100,6 +100,7 @@ class Finish(msgspec.Struct, array_like=True, tag="f", frozen=True):
     duration: float | None
     records: int | None
     team: str | None = None  # for pipelines the registry does not know: the team the event names
+    received_at: float | None = None  # when it arrived, if later than its own time (see `received`)
 
 
 class Start(msgspec.Struct, array_like=True, tag="s", frozen=True):
@@ -107,10 +108,12 @@ class Start(msgspec.Struct, array_like=True, tag="s", frozen=True):
     run_id: str
     started_at: float
     team: str | None = None
+    received_at: float | None = None  # when it arrived, if later than its own time (see `received`)
 
 
 class Abandon(msgspec.Struct, array_like=True, tag="a", frozen=True):
-    """A run that started and never finished within its allowance: counted as a failure."""
+    """A run that started and never finished within its allowance: counted as a failure, at its start time
+    (records written before that carry the sweep's wall clock; applying takes the earlier of the two)."""
 
     pipeline: str
     run_id: str
@@ -126,6 +129,13 @@ class Forget(msgspec.Struct, array_like=True, tag="x", frozen=True):
 Record = Finish | Start | Abandon | Forget
 RECORD_ENCODER = msgspec.msgpack.Encoder()
 RECORD_DECODER = msgspec.msgpack.Decoder(Record)
+LATE_AFTER = 1.0  # seconds: a record that arrives later than this after its own time carries its arrival
+
+
+def received(event_time: float, now: float) -> float | None:
+    """The arrival time to store with a record: `now` when it is late (a replayed spool, a backlog), None when
+    it arrived at about its own time (live traffic stays as small in the log as before)."""
+    return now if now - event_time > LATE_AFTER else None
 
 
 def finished_record(event: RunFinished, now: float, max_skew: float) -> Finish:
@@ -141,12 +151,12 @@ def finished_record(event: RunFinished, now: float, max_skew: float) -> Finish:
     if duration is None:
         raise InvalidEvent("duration_seconds", "give duration_seconds, or started_at (and finished_at)")
     return Finish(event.pipeline, event.run_id, event.status == "success", finished, duration,
-                  event.records_processed, event.team)
+                  event.records_processed, event.team, received(finished, now))
 
 
 def started_record(event: RunStarted, now: float, max_skew: float) -> Start:
     started = _epoch(event.started_at, "started_at", now, max_skew) if event.started_at else now
-    return Start(event.pipeline, event.run_id, started, event.team)
+    return Start(event.pipeline, event.run_id, started, event.team, received(started, now))
 
 
 def _epoch(value: datetime, field: str, now: float, max_skew: float) -> float:

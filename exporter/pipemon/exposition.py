@@ -51,7 +51,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("pipeline_expected_interval_seconds", "gauge", "Longest expected gap between successful runs."),
     Family("pipeline_max_runtime_seconds", "gauge", "Longest a run may stay in progress before it is stuck."),
     Family("pipeline_alert_threshold", "gauge", "Per-pipeline alert threshold overrides from the registry."),
-    Family("pipeline_runs_total", "counter", "Finished runs, by status."),
+    Family("pipeline_runs_total", "counter", "Finished runs, by status; an abandoned run is a failure, also"
+           " when its finish replaces the abandonment later (see pipeline_runs_abandonment_reverted_total)."),
+    Family("pipeline_runs_abandonment_reverted_total", "counter", "Abandoned runs whose finish arrived after"
+           " all and replaced the abandonment: their failure stays in pipeline_runs_total, their finish counts"
+           " too."),
     Family("pipeline_run_duration_seconds", "histogram", "Duration of finished runs."),
     Family("pipeline_records_processed_total", "counter", "Records processed by finished runs."),
     Family("pipeline_last_run_timestamp_seconds", "gauge", "When the latest run finished; 0 if never."),
@@ -135,7 +139,8 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         f"pipeline_max_runtime_seconds{{{labels}}} {v(spec.max_runtime_seconds)}\n",
         thresholds,
         f'pipeline_runs_total{{{labels},status="success"}} {state.runs_success}\n'
-        f'pipeline_runs_total{{{labels},status="failure"}} {state.runs_failure}\n',
+        f'pipeline_runs_total{{{labels},status="failure"}} {state.runs_failure + state.runs_reverted}\n',
+        f"pipeline_runs_abandonment_reverted_total{{{labels}}} {state.runs_reverted}\n",
         histogram,
         f"pipeline_records_processed_total{{{labels}}} {state.records_total}\n",
         f"pipeline_last_run_timestamp_seconds{{{labels}}} {v(state.last_run_ts)}\n",

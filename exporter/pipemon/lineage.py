@@ -17,7 +17,18 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from pipemon.events import MAX_RECORDS, Finish, InvalidEvent, PipelineName, Records, RunId, Start, Timestamp, _epoch
+from pipemon.events import (
+    MAX_RECORDS,
+    Finish,
+    InvalidEvent,
+    PipelineName,
+    Records,
+    RunId,
+    Start,
+    Timestamp,
+    _epoch,
+    received,
+)
 from pipemon.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Registry
 from pipemon.state import Pipelines
 
@@ -104,15 +115,16 @@ class LineageConverter:
 
     def __call__(self, event: RunEvent) -> Start | Finish | None:
         pipeline = self.pipeline_name(event.job)
-        at = _epoch(event.eventTime, "eventTime", self.now(), self.max_skew)
+        now = self.now()
+        at = _epoch(event.eventTime, "eventTime", now, self.max_skew)
         run_id = event.run.runId
         if event.eventType == "START":
             self._batch_starts.setdefault((pipeline, run_id), at)
-            return Start(pipeline, run_id, at, self.team_hint(pipeline, event.job))
+            return Start(pipeline, run_id, at, self.team_hint(pipeline, event.job), received(at, now))
         if event.eventType not in TERMINAL:
             return None
         return Finish(pipeline, run_id, TERMINAL[event.eventType], at, self.duration(pipeline, run_id, at),
-                      total_rows(event.outputs), self.team_hint(pipeline, event.job))
+                      total_rows(event.outputs), self.team_hint(pipeline, event.job), received(at, now))
 
     def pipeline_name(self, job: Job) -> str:
         name = self.template.format(namespace=job.namespace, name=job.name)
@@ -124,9 +136,9 @@ class LineageConverter:
         started = self._batch_starts.get((pipeline, run_id))
         if started is None:
             state = self.pipelines.get(pipeline)
-            started = state.in_progress.get(run_id) if state is not None else None
+            started = state.run_start(run_id) if state is not None else None
         if started is None:
-            return None  # START lost, late or expired: the run counts, without a duration sample
+            return None  # START lost or late: the run counts, without a duration sample
         if started > finished:
             log.warning("run %s of %s: terminal eventTime before START; no duration recorded", run_id, pipeline)
             return None

@@ -47,7 +47,7 @@ class RecorderSettings:
     checkpoint_interval: float = 10.0  # seconds between checkpoints while records arrive
     checkpoint_records: int = 500_000  # or after this many records, whichever comes first (bounds the replay)
     sweep_interval: float = 30.0  # how often to look for abandoned runs
-    abandon_after_factor: float = 3.0  # a run in progress this many max runtimes is abandoned
+    abandon_after_factor: float = 3.0  # a run in progress this many max runtimes (in the data's time) is abandoned
 
 
 @dataclasses.dataclass(eq=False)
@@ -210,10 +210,13 @@ class Recorder:
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._since_checkpoint += len(records)
         self._applied_seq = seq  # applied right below, with no await in between
+        reverted = self.pipelines.reverted
         for sub in group:
             outcomes = [self.pipelines.apply(r, self.spec_for) for r in sub.records]
             if not sub.done.done():
                 sub.done.set_result(outcomes)
+        if self.pipelines.reverted != reverted:
+            self.metrics.abandonment_reverted.inc(self.pipelines.reverted - reverted)
 
     async def _maybe_checkpoint(self) -> None:
         if self._checkpoint_task is not None and not self._checkpoint_task.done():
@@ -274,12 +277,13 @@ class Recorder:
             self.metrics.abandoned.inc(outcomes.count("accepted"))
 
     def find_abandoned(self, now: float) -> list[Record]:
+        """Abandon records for the runs whose finish can no longer be expected (PipelineState.overdue), each
+        at its own start time: the log then replays the same abandonment whatever the clock says."""
         factor = self.settings.abandon_after_factor
         return [
-            Abandon(state.name, run_id, now)
+            Abandon(state.name, run_id, started)
             for state in self.pipelines if state.in_progress
-            for run_id, started in state.in_progress.items()
-            if now - started > factor * state.spec.max_runtime_seconds
+            for run_id, started in state.overdue(now, factor * state.spec.max_runtime_seconds)
         ]
 
     async def _in_thread(self, fn: Callable, *args: object):

@@ -34,6 +34,8 @@ class ExporterMetrics:
                                       registry=r)
         self.abandoned = Counter("pipemon_runs_abandoned", "Runs that started and never finished within their"
                                  " allowance; each is also counted as a failed run.", registry=r)
+        self.abandonment_reverted = Counter("pipemon_runs_abandonment_reverted", "Abandoned runs whose finish"
+                                            " arrived after all and replaced the abandonment.", registry=r)
         self.render_seconds = Histogram("pipemon_metrics_render_duration_seconds", "Time to render /metrics.",
                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.commit_seconds = Histogram("pipemon_storage_commit_duration_seconds",

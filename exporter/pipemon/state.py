@@ -38,6 +38,10 @@ SUCCESS_WINDOWS = (10, 50)  # success ratios over this many latest runs
 OUTCOME_BITS = max(SUCCESS_WINDOWS)
 GAPS_KEPT = 16  # start-to-start gaps kept to learn a pipeline's interval ...
 MIN_GAPS = 4  # ... and how many it needs first
+# What an abandonment changed, to take it back when the run's finish arrives after all: its time (the run's
+# start), whether it became the latest run, and the latest-run facts before it (time, success, duration,
+# records, throughput, last success, the abandoned run id that held them or "").
+Undo = tuple[float, bool, float, bool, float, float, float, float, str]
 
 
 class Snapshot(msgspec.Struct, array_like=True):
@@ -71,17 +75,24 @@ class Snapshot(msgspec.Struct, array_like=True):
     last_start_ts: float = 0.0  # start of the latest run (in order)
     gaps: list[float] = []  # start-to-start gaps of the latest runs
     starts_seen: bool = False  # the pipeline reports starts (so a due run shows up as soon as it starts)
+    # Abandonment judged in the data's own time (issue 14); absent from older checkpoints.
+    data_clock: float = 0.0
+    data_clock_at: float = 0.0
+    arrived: dict[str, float] = msgspec.field(default_factory=dict)
+    abandoned: dict[str, Undo] = msgspec.field(default_factory=dict)
+    last_abandoned: str = ""
+    runs_reverted: int = 0
 
 
 class PipelineState:
     """Everything pipemon knows about one pipeline. `version` changes whenever an exported value does."""
 
     __slots__ = (
-        "_judged", "baseline_size", "bucket_counts", "consecutive_failures", "duration_count", "duration_sum",
-        "gaps", "history", "in_progress", "last_failure_ts", "last_run_duration", "last_run_records",
-        "last_run_success", "last_run_throughput", "last_run_ts", "last_start_ts", "last_success_ts", "name",
-        "outcome_count", "outcomes", "records_total", "runs_failure", "runs_success", "seen", "spec",
-        "starts_seen", "team", "version",
+        "_judged", "abandoned", "arrived", "baseline_size", "bucket_counts", "consecutive_failures", "data_clock",
+        "data_clock_at", "duration_count", "duration_sum", "gaps", "history", "in_progress", "last_abandoned",
+        "last_failure_ts", "last_run_duration", "last_run_records", "last_run_success", "last_run_throughput",
+        "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes", "records_total",
+        "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen", "team", "version",
     )
 
     def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336) -> None:
@@ -114,6 +125,13 @@ class PipelineState:
         self.last_start_ts = 0.0
         self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
         self.starts_seen = False
+        # The data's own clock: the newest event time applied, and when (wall clock) that event arrived.
+        self.data_clock = 0.0
+        self.data_clock_at = 0.0
+        self.arrived: dict[str, float] = {}  # runs in progress whose START arrived late: its arrival
+        self.abandoned: dict[str, Undo] = {}  # runs closed as abandoned, while their id is in `seen`
+        self.last_abandoned = ""  # the abandoned run that is the latest run, if one is
+        self.runs_reverted = 0  # abandonments taken back by the run's finish (a counter)
 
     # ---- baselines -----------------------------------------------------------------------------------
 
@@ -181,6 +199,22 @@ class PipelineState:
     def oldest_start(self) -> float:
         return min(self.in_progress.values(), default=0.0)
 
+    def run_start(self, run_id: str) -> float | None:
+        """When a run in progress, or one closed as abandoned, started."""
+        started = self.in_progress.get(run_id)
+        if started is None and run_id in self.abandoned:
+            started = self.abandoned[run_id][0]
+        return started
+
+    def overdue(self, now: float, limit: float) -> list[tuple[str, float]]:
+        """Runs in progress whose finish can no longer be expected: (run id, start). Both clocks must have
+        passed `limit` since the start: the data's (the newest event time, running on at wall-clock speed from
+        that event's arrival, so a pipeline that went quiet still ages) and the wall clock since the START
+        arrived (so a backlog replayed next to live traffic is not judged by the live events' time)."""
+        data_now = self.data_clock + max(0.0, now - self.data_clock_at)
+        return [(run_id, started) for run_id, started in self.in_progress.items()
+                if data_now - started > limit and now - self.arrived.get(run_id, started) > limit]
+
     # ---- persistence ---------------------------------------------------------------------------------
 
     def snapshot(self, covers_seq: int = 0) -> Snapshot:
@@ -193,6 +227,8 @@ class PipelineState:
             self.consecutive_failures, self.in_progress, [], None, self.seen, covers_seq,
             self.history.to_rows(), self.outcomes, self.outcome_count, self.last_failure_ts, self.last_start_ts,
             list(self.gaps), self.starts_seen,
+            data_clock=self.data_clock, data_clock_at=self.data_clock_at, arrived=self.arrived,
+            abandoned=self.abandoned, last_abandoned=self.last_abandoned, runs_reverted=self.runs_reverted,
         )
 
     @classmethod
@@ -235,6 +271,7 @@ class Pipelines:
         self.by_name: dict[str, PipelineState] = {}
         self.dirty: set[str] = set()  # changed since the last checkpoint
         self.forgotten: set[str] = set()  # removed since the last checkpoint
+        self.reverted = 0  # abandonments taken back since start-up (the exporter's own counter)
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -291,7 +328,16 @@ class Pipelines:
         seen.pop(run_id, None)  # re-insert: most recent last
         seen[run_id] = phase
         if len(seen) > self.dedup_window:
-            del seen[next(iter(seen))]
+            oldest = next(iter(seen))
+            del seen[oldest]
+            state.abandoned.pop(oldest, None)  # forgotten: a finish of it now counts as a new run
+
+    @staticmethod
+    def _tick(state: PipelineState, event_time: float, received_at: float | None) -> None:
+        """Advance the pipeline's data clock to a newer event time (None: it arrived at its own time)."""
+        if event_time > state.data_clock:
+            state.data_clock = event_time
+            state.data_clock_at = event_time if received_at is None else max(received_at, event_time)
 
     def _start(self, state: PipelineState, rec: Start) -> str:
         if state.seen.get(rec.run_id, 0) >= STARTED:
@@ -300,6 +346,9 @@ class Pipelines:
         state.in_progress[rec.run_id] = rec.started_at
         state.starts_seen = True
         self._learn_start(state, rec.started_at)
+        if rec.received_at is not None:
+            state.arrived[rec.run_id] = rec.received_at
+        self._tick(state, rec.started_at, rec.received_at)
         return "accepted"
 
     def _finish(self, state: PipelineState, rec: Finish) -> str:
@@ -307,24 +356,61 @@ class Pipelines:
             return "duplicate"
         self._remember(state, rec.run_id, FINISHED)
         state.in_progress.pop(rec.run_id, None)
+        state.arrived.pop(rec.run_id, None)
+        undo = state.abandoned.pop(rec.run_id, None)
+        if undo is not None:  # closed as abandoned, and here is its finish after all: it replaces the abandonment
+            self._revert_abandonment(state, rec.run_id, undo)
+        self._tick(state, rec.finished_at, rec.received_at)
         throughput = _throughput(rec.records, rec.duration)
         self._count(state, rec.success, rec.duration, rec.records)
         # Out-of-order finishes count, but judging them or learning from them would judge history
         # against the future; baselines, streaks and the latest-run facts follow the runs in order.
         if rec.finished_at >= state.last_run_ts:
+            state.last_abandoned = ""
             self._learn_run(state, rec)
             self._set_last_run(state, rec.success, rec.finished_at, rec.duration, rec.records, throughput)
         return "accepted"
 
     def _abandon(self, state: PipelineState, rec: Abandon) -> str:
-        if state.in_progress.pop(rec.run_id, None) is None:
+        started = state.in_progress.pop(rec.run_id, None)
+        if started is None:
             return "duplicate"
-        self._remember(state, rec.run_id, FINISHED)
+        state.arrived.pop(rec.run_id, None)
+        # Still only STARTED: its finish may arrive after all and replace the abandonment; a retried START
+        # stays a duplicate.
+        self._remember(state, rec.run_id, STARTED)
+        at = min(rec.at, started)  # the run's own time, never the sweep's
+        in_order = at >= state.last_run_ts
+        state.abandoned[rec.run_id] = (
+            at, in_order, state.last_run_ts, state.last_run_success, state.last_run_duration,
+            state.last_run_records, state.last_run_throughput, state.last_success_ts, state.last_abandoned,
+        )
         self._count(state, False, None, None)
-        if rec.at >= state.last_run_ts:
-            self._learn_outcome(state, False)
-            self._set_last_run(state, False, rec.at, None, None, NAN)
+        if in_order:  # the latest run now; the baselines are left alone (the next run moves them as before)
+            state.last_run_ts, state.last_run_success = at, False
+            state.last_run_duration = state.last_run_records = state.last_run_throughput = NAN
+            state.consecutive_failures += 1
+            state.last_abandoned = rec.run_id
         return "accepted"
+
+    def _revert_abandonment(self, state: PipelineState, run_id: str, undo: Undo) -> None:
+        """Take an abandonment back: its failure, its place in the failure streak and, while it is the latest
+        run, the latest-run facts (those from before it return; the finish is applied after this)."""
+        _at, in_order, *before, last_success_before, holder_before = undo
+        state.runs_failure -= 1
+        state.runs_reverted += 1
+        self.reverted += 1
+        if not in_order:
+            return
+        if state.last_success_ts == last_success_before and state.consecutive_failures > 0:
+            state.consecutive_failures -= 1  # no success since it: it is still one of the streak
+        if state.last_abandoned == run_id:
+            (state.last_run_ts, state.last_run_success, state.last_run_duration, state.last_run_records,
+             state.last_run_throughput) = before
+            state.last_abandoned = holder_before if holder_before in state.abandoned else ""
+        for other, entry in state.abandoned.items():  # an abandonment that came after it: skip it in its chain
+            if entry[8] == run_id:
+                state.abandoned[other] = (*entry[:2], *undo[2:])
 
     @staticmethod
     def _count(state: PipelineState, success: bool, duration: float | None, records: int | None) -> None:
