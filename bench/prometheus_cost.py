@@ -334,11 +334,13 @@ def measure(prom: str, proc: subprocess.Popen, s: Settings, result: Result, pids
     started, busy0 = time.monotonic(), busy_seconds()
     ours0 = sum(cpu_seconds(pid) for pid in pids) + time.process_time()
     window = s.measure_minutes * 60
+    longest = max(g["interval"] for g in get_json(f"{prom}/api/v1/rules")["data"]["groups"])
+    cap = 3 * max(window, (s.min_evaluations + 2) * longest)  # missed iterations stretch the rounds
     while True:
         sample_rules(prom, groups, seen)
         elapsed = time.monotonic() - started
         enough = groups and all(len(g.durations) >= s.min_evaluations for g in groups.values())
-        if (elapsed >= window and enough) or elapsed >= 3 * window or proc.poll() is not None:
+        if (elapsed >= window and enough) or elapsed >= cap or proc.poll() is not None:
             break
         time.sleep(5)
     elapsed = time.monotonic() - started
@@ -357,6 +359,10 @@ def measure(prom: str, proc: subprocess.Popen, s: Settings, result: Result, pids
 def run_one(s: Settings, rule_set: rules.RuleSet, n: int, directory: Path) -> Result:
     result = Result(n, rule_set.label, load=loadavg())
     plan = rules.history_plan(rule_set, s.long_range)
+    for name, window in plan.short_reads.items():
+        if window < 2 * s.history_step:
+            log(f"  warning: backfilled recordings read {name} over {window:g} s, under two history steps:"
+                " their history is empty (use a shorter --history-step)")
     pipelines = history.fleet(n)
     evaluation = min(rule_set.interval(g) for g in rule_set.groups)
     t = time.monotonic()
@@ -472,7 +478,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rules-rev", default="7c93d63", help="landed rules and exporter ('' to skip)")
     parser.add_argument("--exporter-rev", default="",
                         help="run the working-tree rules against the exporter at this revision (default: the tree's)")
-    parser.add_argument("--quick", action="store_true", help="N=200,1000, 3 h of history every 5 min")
+    parser.add_argument("--quick", action="store_true", help="N=200,1000 and 3 h of history")
     parser.add_argument("--history", default=None, help="backfilled history (default 1d; --quick 3h)")
     parser.add_argument("--history-step", default=None, help="sample step of the backfill (default 60s)")
     parser.add_argument("--measure-minutes", type=float, default=6.0)
@@ -505,7 +511,7 @@ def settings(args: argparse.Namespace, tmp: Path) -> Settings:
     return Settings(
         pipelines=[int(n) for n in (args.pipelines or default_n).split(",")], rule_sets=sets,
         history=rules.seconds(args.history or ("3h" if args.quick else "1d")),
-        history_step=rules.seconds(args.history_step or ("300s" if args.quick else "60s")),
+        history_step=rules.seconds(args.history_step or "60s"),
         scrape_interval=args.scrape_interval, measure_minutes=args.measure_minutes,
         min_evaluations=args.min_evaluations, keep=args.keep)
 

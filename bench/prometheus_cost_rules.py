@@ -152,6 +152,7 @@ class HistoryPlan:
     raw: set[str]  # exporter series to generate a history for
     recorded_levels: list[list[dict]]  # recording rules to backfill, level by level (each level reads only earlier)
     long_reads: dict[str, float]  # what the rules read over windows of at least the threshold
+    short_reads: dict[str, float] = field(default_factory=dict)  # raw series the backfilled recordings read
 
 
 def history_plan(rule_set: RuleSet, threshold: float) -> HistoryPlan:
@@ -163,14 +164,19 @@ def history_plan(rule_set: RuleSet, threshold: float) -> HistoryPlan:
             if window >= threshold:
                 long_reads[name] = max(long_reads.get(name, 0.0), window)
     raw, needed, todo = set(), set(), list(long_reads)
+    short_reads: dict[str, float] = {}
     while todo:  # what the backfilled recordings read needs history too, at any range
         name = todo.pop()
         if name not in recording:
             raw.add(name)
         elif name not in needed:
             needed.add(name)
-            todo.extend(_metric_names(str(recording[name][1]["expr"])))
-    return HistoryPlan(raw, _levels(needed, recording), long_reads)
+            expr = str(recording[name][1]["expr"])
+            todo.extend(_metric_names(expr))
+            for read, window in ranges_read(expr).items():
+                if read not in recording:
+                    short_reads[read] = min(short_reads.get(read, window), window)
+    return HistoryPlan(raw, _levels(needed, recording), long_reads, short_reads)
 
 
 def _levels(needed: set[str], recording: dict[str, tuple[dict, dict]]) -> list[list[dict]]:
