@@ -185,7 +185,8 @@ def run(args: argparse.Namespace, work: Path, rules_dir: Path, am_config: Path, 
     print_report(result, sim, args, rules_dir, features)
     if args.json:
         doc = report.to_json(result) | {"args": {k: str(v) for k, v in vars(args).items()},
-                                        "phases_seconds": phases.times, "feed": vars(stats) | {}}
+                                        "phases_seconds": phases.times, "feed": vars(stats),
+                                        "alert_episodes": [vars(ep) for ep in episodes if ep.start >= sim.eval_start]}
         args.json.write_text(json.dumps(doc, indent=1, default=str))
     return 0
 

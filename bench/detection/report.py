@@ -123,10 +123,18 @@ def _incident_result(i: int, inc: Label, episodes: list[Episode], notes: list[No
     )
 
 
+# When several traps overlap a false alert, the most specific one explains it (a 5m pipeline has several late
+# starts a day: they would otherwise take the blame for everything).
+TRAP_PRIORITY = ("transient_failure", "failure_retried", "slow_once", "backfill", "level_shift", "holiday",
+                 "late_start")
+
+
 def _trap_of(ep: Episode, fleet: Fleet, pipelines: dict[str, Pipeline]) -> str:
-    for trap in fleet.traps:
-        if trap.pipeline == ep.pipeline and trap.start - allowance(trap) <= ep.start <= trap.end + allowance(trap):
-            return trap.kind
+    hits = {trap.kind for trap in fleet.traps if trap.pipeline == ep.pipeline
+            and trap.start - allowance(trap) <= ep.start <= trap.end + allowance(trap)}
+    for kind in TRAP_PRIORITY:
+        if kind in hits:
+            return kind
     p = pipelines.get(ep.pipeline or "")
     if p is None:
         return "unknown pipeline"
