@@ -114,16 +114,6 @@ def organize_excluding(fields: list[str]) -> DataTransformerConfig:
     return DataTransformerConfig(id_val="organize", options={"excludeByName": dict.fromkeys(fields, True)})
 
 
-def fill_between(panel: timeseries.Panel, upper: str, lower: str, color: str) -> timeseries.Panel:
-    """Shade the band between the series named `upper` and `lower`; draw both as thin dashed lines."""
-    line = [DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
-            DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color})]
-    return (panel
-            .override_by_name(upper, [*line, DynamicConfigValue(id_val="custom.fillBelowTo", value=lower),
-                                      DynamicConfigValue(id_val="custom.fillOpacity", value=15)])
-            .override_by_name(lower, [*line, DynamicConfigValue(id_val="custom.fillOpacity", value=0)]))
-
-
 def fixed_colors(panel: timeseries.Panel, colors: dict[str, str]) -> timeseries.Panel:
     for name, color in colors.items():
         panel = panel.override_by_name(name, [DynamicConfigValue(id_val="color",
