@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.fault.common import Exporter, pipeline_samples, post_ndjson, request, scrape
+from tests.fault.common import Exporter, pipeline_samples, post_ndjson, request, scrape, wait_until
 from tests.helpers import iso, samples
 
 pytestmark = pytest.mark.slow
@@ -121,15 +121,6 @@ def test_a_replayed_backlog_ends_exactly_as_the_same_runs_sent_live(tmp_path, ki
         assert iso(summary["last_run_timestamp"]) == own[-1]["finished_at"]
 
 
-def wait_for(check, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def run_facts(url: str, pipeline: str) -> dict:
     status, body = request(f"{url}/api/v1/pipelines/{pipeline}")
     assert status == 200, body
@@ -150,7 +141,7 @@ def test_a_finish_that_arrives_after_the_abandonment_ends_as_the_finish_says(tmp
             send(exp.url, "runs", [first])
             send(exp.url, "runs/start", [start])
         # 2 × 1 s later the run is abandoned: a failure at its own start time, not at the sweep's.
-        wait_for(lambda: run_facts(late.url, quick)["runs_in_progress"] == 0, 10, "the abandonment")
+        wait_until(lambda: run_facts(late.url, quick)["runs_in_progress"] == 0, 10, "the abandonment", 0.05)
         abandoned = run_facts(late.url, quick)
         assert (abandoned["runs_failure"], abandoned["consecutive_failures"]) == (1, 1)
         assert abandoned["last_run_timestamp"] == pytest.approx(now - 0.5, abs=1e-3)
@@ -205,7 +196,8 @@ def test_a_run_that_never_finishes_still_ends_as_a_failure_after_its_time(tmp_pa
         time.sleep(max(0.0, sent + limit - 1.5 - time.time()))
         # The late STARTs are judged from their arrival, not from their 5 hours old timestamp.
         assert [run_facts(exp.url, p)["runs_in_progress"] for p in STUCK] == [1, 1, 1]
-        wait_for(lambda: all(run_facts(exp.url, p)["runs_in_progress"] == 0 for p in STUCK), 10, "the abandonments")
+        wait_until(lambda: all(run_facts(exp.url, p)["runs_in_progress"] == 0 for p in STUCK), 10,
+                   "the abandonments", 0.05)
         ended = time.time()
         # After its time, and not postponed by the restart: the arrival is stored with the START.
         assert sent + limit <= ended <= sent + limit + 2.5, ended - sent
