@@ -3,10 +3,12 @@
 import math
 import random
 
+import msgspec
+
 from pipemon.baseline import RunHistory, choose_profile, judge, log_duration, log_records
 from pipemon.events import Finish
 from pipemon.registry import PipelineSpec
-from pipemon.state import Pipelines
+from pipemon.state import Pipelines, PipelineState, Snapshot
 
 HOUR, DAY = 3600, 86400
 T0 = 1_767_225_600  # Thursday 2026-01-01 00:00 UTC
@@ -87,3 +89,49 @@ def test_history_rows_survive_a_round_trip():
     again = RunHistory.from_rows(4, history.to_rows())
     assert again.ordered("duration") == [12.0, 13.0, 14.0, 15.0]
     assert math.isnan(again.ordered("records")[-1])
+
+
+def weekend(ts: float) -> bool:
+    return int(ts // DAY + 3) % 7 >= 5
+
+
+def five_minute_history(slow_last: int = 0) -> Pipelines:
+    """A 5-minute pipeline, twice as slow on weekdays as at weekends, from a Thursday to the first run of a
+    Monday two weeks and a half later; its last `slow_last` runs three times as slow."""
+    runs = 18 * 24 * 12 + 1
+    first_slow = T0 + (runs - slow_last) * 300
+    return history_of(lambda t: (50.0 if weekend(t) else 100.0) * (3 if slow_last and t >= first_slow else 1),
+                      runs=runs, every=300, sigma=0.1)
+
+
+def test_a_frequent_pipeline_remembers_its_weekend():
+    state = five_minute_history().get("p")
+    assert state.history.hourly is not None and len(state.history.hourly) > 14 * 24
+    monday = state.judgements().duration[0]  # Monday 00:00, after a weekend at half the duration
+    assert abs(monday.zscore) < 2 and 0.8 < monday.ratio < 1.25
+    state.history.hourly = None  # the ring alone (a day and a bit) remembers only the weekend
+    state._judged = None
+    assert state.judgements().duration[0].ratio > 1.6
+
+
+def test_a_slowdown_of_a_frequent_pipeline_is_caught_against_both_references():
+    latest = five_minute_history(slow_last=3).get("p").judgements().duration
+    assert all(j.zscore > 3 and j.ratio > 2 for j in latest)
+
+
+def test_the_hourly_summary_survives_a_restart():
+    state = five_minute_history().get("p")
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(state.snapshot()), type=Snapshot)
+    again = PipelineState.restore(snap, state.spec, state.baseline_size)
+    assert again.history.hourly_rows() == state.history.hourly_rows()
+    assert again.judgements().duration[0] == state.judgements().duration[0]
+
+
+def test_the_spread_comes_from_more_runs_than_the_centre():
+    rng = random.Random(5)
+    tight = [100.0 * math.exp(0.02 * rng.gauss(0, 1)) for _ in range(30)]
+    wide = [100.0 * math.exp(0.4 * rng.gauss(0, 1)) for _ in range(70)]
+    alone = judge(tight, 180.0, log_duration, math.exp, 1.0)
+    both = judge(tight + wide, 180.0, log_duration, math.exp, 1.0, center_size=30)
+    assert alone.zscore > 5 and both.zscore < 2.5  # a noisy pipeline's quiet month is not its spread
+    assert both.samples == 30 and math.isclose(both.expected, alone.expected)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -131,6 +132,7 @@ class Notification:
     group: tuple
     firing: list[Episode]
     resolved: list[Episode]
+    repeat: bool = False  # sent again only because repeat_interval passed (a reminder, nothing changed)
 
     @property
     def is_resolved(self) -> bool:
@@ -239,12 +241,15 @@ class Dispatcher:
         r_keys = {e.key() for e in resolved}
         receiver = group.route.receiver
         log_key = (group.key, receiver)
-        if not self._needs_update(self.nflog.get(log_key), receiver, group.route, f_keys, r_keys, t):
+        entry = self.nflog.get(log_key)
+        if not self._needs_update(entry, receiver, group.route, f_keys, r_keys, t):
             return None
+        repeat = entry is not None and bool(firing) and not self._needs_update(
+            entry, receiver, replace(group.route, repeat_interval=math.inf), f_keys, r_keys, t)
         self.nflog[log_key] = (f_keys, r_keys, t)
         if not firing and not self.config.send_resolved.get(receiver, False):
             return None  # logged as notified, nothing sent
-        return Notification(t, receiver, group.key, firing, resolved)
+        return Notification(t, receiver, group.key, firing, resolved, repeat)
 
     def _needs_update(self, entry: tuple | None, receiver: str, route: Route, firing: set, resolved: set,
                       t: float) -> bool:

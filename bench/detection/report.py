@@ -52,7 +52,8 @@ class IncidentResult:
     any_alert: bool
     delay: float | None
     alerts: list[str]
-    notifications: int
+    notifications: int  # firing notifications, reminders included
+    reminders: int  # of those, re-sent only because repeat_interval passed
     resolved_notifications: int
     linger: float | None
 
@@ -118,6 +119,7 @@ def _incident_result(i: int, inc: Label, episodes: list[Episode], notes: list[No
         delay=None if first is None else first - inc.start,
         alerts=sorted({f"{ep.alertname}/{ep.severity}" for ep in own}),
         notifications=sum(1 for n in mine if not n.is_resolved),
+        reminders=sum(1 for n in mine if n.repeat),
         resolved_notifications=sum(1 for n in mine if n.is_resolved),
         linger=None if linger is None else max(0.0, min(linger, end) - inc.end),
     )
@@ -170,8 +172,9 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def incident_table(report: Report, types: list[str]) -> list[str]:
     lines = ["| incident | n | recall | any alert | delay min median / max | delay runs median / max |"
-             " notifications median / max | resolved notif. median | linger min median / max | linger > allowed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             " notifications median / max | of them reminders median / max | resolved notif. median |"
+             " linger min median / max | linger > allowed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [(t, [r for r in report.incidents if r.label.kind == t]) for t in types] + [("all", report.incidents)]
     for kind, rs in rows:
         if not rs:
@@ -180,12 +183,14 @@ def incident_table(report: Report, types: list[str]) -> list[str]:
         mins = [r.delay / 60 for r in det]
         runs = [r.delay / r.label.interval for r in det]
         notes = [float(r.notifications) for r in rs]
+        reminders = [float(r.reminders) for r in rs]
         linger = [r.linger / 60 for r in det if r.linger is not None]
         over = sum(1 for r in det if r.linger is not None and r.linger > allowance(r.label))
         lines.append(
             f"| {kind} | {len(rs)} | {len(det) / len(rs):.0%} | {sum(r.any_alert for r in rs) / len(rs):.0%} |"
             f" {_fmt(_q(mins, 'median'))} / {_fmt(_q(mins, 'max'))} | {_fmt(_q(runs, 'median'), 2)} /"
             f" {_fmt(_q(runs, 'max'), 2)} | {_fmt(_q(notes, 'median'), 0)} / {_fmt(_q(notes, 'max'), 0)} |"
+            f" {_fmt(_q(reminders, 'median'), 0)} / {_fmt(_q(reminders, 'max'), 0)} |"
             f" {_fmt(_q([float(r.resolved_notifications) for r in rs], 'median'), 0)} |"
             f" {_fmt(_q(linger, 'median'), 0)} / {_fmt(_q(linger, 'max'), 0)} | {over} |")
     return lines
@@ -231,6 +236,9 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
     medium = sum(n for (_, sev), n in report.false_by_alert.items() if SEVERITY_RANK.get(sev, 2) >= 2)
     false_rate = medium / report.pipeline_months
     notes = [float(r.notifications) for r in rs]
+    # the issue wants persisting states re-sent at the one-hour cooldown: a daily pipeline stale for two days
+    # is then ~48 reminders of one page, so the max is also shown without them
+    distinct = [float(r.notifications - r.reminders) for r in rs]
     over = sum(1 for r in det if r.linger is not None and r.linger > allowance(r.label))
     out = [
         ("recall ≥ 95%", f"{recall:.0%}", recall >= 0.95),
@@ -239,6 +247,8 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
         ("false alerts ≥ medium ≤ 1 per pipeline-month", f"{false_rate:.2f}", false_rate <= 1),
         ("notifications per incident: median ≤ 3", _fmt(_q(notes, "median"), 0), (_q(notes, "median") or 0) <= 3),
         ("notifications per incident: max ≤ 10", _fmt(_q(notes, "max"), 0), (_q(notes, "max") or 0) <= 10),
+        ("notifications per incident, hourly reminders not counted: max ≤ 10", _fmt(_q(distinct, "max"), 0),
+         (_q(distinct, "max") or 0) <= 10),
         ("no alert firing > 1 interval (≤ 1 h) after its incident", f"{over} incidents", over == 0),
     ]
     report.targets = out
@@ -256,7 +266,7 @@ def to_json(report: Report) -> dict:
         "incidents": [{"pipeline": r.label.pipeline, "type": r.label.kind, "start": r.label.start,
                        "end": r.label.end, "interval": r.label.interval, "detail": r.label.detail,
                        "detected": r.detected, "any_alert": r.any_alert, "delay_seconds": r.delay,
-                       "alerts": r.alerts, "notifications": r.notifications,
+                       "alerts": r.alerts, "notifications": r.notifications, "reminders": r.reminders,
                        "resolved_notifications": r.resolved_notifications, "linger_seconds": r.linger}
                       for r in report.incidents],
         "pipeline_months": report.pipeline_months,

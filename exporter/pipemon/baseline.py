@@ -8,6 +8,12 @@ same for a 10-second job and a 5-hour one.
 Seasonality is learned per pipeline: when the pipeline's own history shows a weekday/weekend or an
 hour-of-day pattern (grouping runs by it shrinks their spread clearly), a run is judged against the runs of
 its own slot only: a Saturday run against Saturdays and Sundays, a 02:00 run against earlier 02:00 runs.
+
+A pipeline that runs every few minutes fills its ring of runs in a day or so: too short to know its week.
+Its runs are also summarised per clock hour over four weeks (HourlySummary), and a run counts only as
+unusual as it is against the closer of two references, its recent runs and that seasonal summary: the first
+Monday run after a quiet weekend, or the first run after a holiday, is not slow for being slower than
+yesterday.
 """
 
 from __future__ import annotations
@@ -23,9 +29,14 @@ MAD_TO_SIGMA = 1.4826  # MAD × this estimates σ for normal data (here: log-nor
 MIN_RELATIVE_SPREAD = 0.05  # σ never below 5% of the value: a perfectly steady job does not alert on jitter
 MIN_DURATION_SPREAD_SECONDS = 1.0  # ... nor below 1 s of duration
 SLOT_SAMPLES = 6  # a seasonal slot needs this many runs before it is used
+SPREAD_SAMPLES = 100  # a baseline's spread is taken over up to this many runs of its slot
 SEASONAL_GAIN = 0.75  # a profile is used when it shrinks the spread to at most this share of the flat one,
 OUTLIER_SHARE = 0.02  # ... or when at least this share of runs are outliers and it explains half of them
 PROFILE_EVERY = 25  # the seasonal profile is chosen again after this many new runs
+HOURS_KEPT = 28 * 24  # clock hours an hourly summary keeps: four weeks, four weekends
+HOURLY_SLOT_VALUES = 14  # a long-term reference is the median of this many latest hours of its slot
+HOURLY_MIN_RUNS = 12  # a pipeline gets an hourly summary once this many runs fit in ...
+HOURLY_MIN_SPAN = 12 * 3600.0  # ... this long (it runs about hourly or more often)
 
 
 def _weekend(ts: float) -> int:
@@ -44,16 +55,115 @@ def _flat(ts: float) -> int:
     return 0
 
 
+def _week_hour(ts: float) -> int:
+    return _weekend(ts) * 24 + _hour(ts)
+
+
 # Candidate profiles, simplest first: on a tie the simpler one wins.
 PROFILES: dict[str, Callable[[float], int]] = {
-    "none": _flat, "weekday": _weekend, "daypart": _daypart, "hour": _hour,
+    "none": _flat, "weekday": _weekend, "daypart": _daypart, "hour": _hour, "weekhour": _week_hour,
 }
+
+
+def _identity(x: float) -> float:
+    return x
+
+
+class HourlySummary:
+    """Per clock hour with successful runs, the median log duration and log records of those runs, for the
+    latest HOURS_KEPT such hours: a frequent pipeline's seasonal memory at one sample per hour."""
+
+    __slots__ = ("bucket", "bucket_hour", "columns", "hours", "profiles", "start")
+
+    def __init__(self) -> None:
+        self.hours = array("q")
+        self.columns = {"duration": array("f"), "records": array("f")}
+        self.start = 0
+        self.bucket_hour = -1  # the hour being collected, not yet in the ring
+        self.bucket: dict[str, list[float]] = {"duration": [], "records": []}
+        self.profiles: dict[str, tuple[str, int]] = {}  # column -> (profile, bucket_hour when chosen)
+
+    def __len__(self) -> int:
+        return len(self.hours)
+
+    def add(self, ts: float, log_values: dict[str, float]) -> None:
+        hour = int(ts // 3600)
+        if hour < self.bucket_hour:
+            return  # a late run: its hour is summarised already
+        if hour > self.bucket_hour:
+            self._flush()
+            self.bucket_hour = hour
+        for name, value in log_values.items():
+            if not math.isnan(value):
+                self.bucket[name].append(value)
+
+    def _flush(self) -> None:
+        if self.bucket_hour < 0 or not any(self.bucket.values()):
+            return
+        row = {name: median(xs) if xs else NAN for name, xs in self.bucket.items()}
+        self._push(self.bucket_hour, row["duration"], row["records"])
+        self.bucket = {"duration": [], "records": []}
+
+    def _push(self, hour: int, duration: float, records: float) -> None:
+        if len(self.hours) < HOURS_KEPT:
+            self.hours.append(hour)
+            self.columns["duration"].append(duration)
+            self.columns["records"].append(records)
+            return
+        self.hours[self.start] = hour
+        self.columns["duration"][self.start] = duration
+        self.columns["records"][self.start] = records
+        self.start = (self.start + 1) % HOURS_KEPT
+
+    def _ordered(self, column: array) -> list:
+        return column[self.start:].tolist() + column[:self.start].tolist()
+
+    def to_rows(self) -> list[tuple[int, float, float]]:
+        """The ring, oldest first, and the hour being collected as its last row."""
+        rows = list(zip(self._ordered(self.hours), self._ordered(self.columns["duration"]),
+                        self._ordered(self.columns["records"]), strict=True))
+        if any(self.bucket.values()):  # stored as the ring stores it (float32), so a restart changes nothing
+            rows.append((self.bucket_hour, *array("f", [median(xs) if xs else NAN for xs in self.bucket.values()])))
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[float]]) -> HourlySummary:
+        summary = cls()
+        for hour, duration, records in rows[-HOURS_KEPT:]:
+            summary._push(int(hour), duration, records)
+        summary.bucket_hour = summary.hours[-1] if rows else -1  # later runs of that hour are not summarised
+        return summary
+
+    def reference(self, name: str, ts: float) -> float:
+        """The log-space median of the latest hours of `ts`'s seasonal slot before `ts`'s hour; NaN when the
+        summary is too thin to say."""
+        hours, values = self._ordered(self.hours), self._ordered(self.columns[name])
+        if len(hours) < 2 * SLOT_SAMPLES:
+            return NAN
+        profile = self._profile(name, hours, values)
+        slot_of, hour = PROFILES[profile], int(ts // 3600)
+        slot = slot_of(ts)
+        picked: list[float] = []
+        for h, x in zip(reversed(hours), reversed(values), strict=True):
+            if h < hour and not math.isnan(x) and slot_of(h * 3600.0 + 1800.0) == slot:
+                picked.append(x)
+                if len(picked) == HOURLY_SLOT_VALUES:
+                    break
+        return median(picked) if len(picked) >= SLOT_SAMPLES else NAN
+
+    def _profile(self, name: str, hours: list[int], values: list[float]) -> str:
+        chosen = self.profiles.get(name)
+        if chosen is None or self.bucket_hour - chosen[1] >= 24:
+            timestamps = [h * 3600.0 + 1800.0 for h in hours]
+            chosen = (choose_profile(timestamps, values, _identity), self.bucket_hour)
+            self.profiles[name] = chosen
+        return chosen[0]
 
 
 class RunHistory:
     """A fixed-size ring of recent successful runs: finish time, duration, records (NaN: unknown)."""
 
-    __slots__ = ("appended", "capacity", "columns", "profiles", "start")
+    __slots__ = ("appended", "capacity", "columns", "hourly", "profiles", "start")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -61,12 +171,15 @@ class RunHistory:
         self.start = 0  # index of the oldest sample once the ring is full
         self.appended = 0  # samples ever appended (in this process)
         self.profiles: dict[str, tuple[str, int]] = {}  # column -> (seasonal profile, `appended` when chosen)
+        self.hourly: HourlySummary | None = None  # for pipelines that run about hourly or more often
 
     def __len__(self) -> int:
         return len(self.columns["ts"])
 
-    def append(self, ts: float, duration: float, records: float) -> None:
+    def append(self, ts: float, duration: float, records: float, summarise: bool = True) -> None:
         self.appended += 1
+        if summarise:
+            self._summarise(ts, duration, records)
         row = {"ts": ts, "duration": duration, "records": records}
         if len(self) < self.capacity:
             for name, column in self.columns.items():
@@ -75,6 +188,17 @@ class RunHistory:
         for name, column in self.columns.items():
             column[self.start] = row[name]
         self.start = (self.start + 1) % self.capacity
+
+    def _summarise(self, ts: float, duration: float, records: float) -> None:
+        if self.hourly is None:
+            if len(self) < HOURLY_MIN_RUNS or math.isnan(ts):
+                return
+            earliest = self.columns["ts"][(self.start - HOURLY_MIN_RUNS) % len(self)]  # 12th latest
+            if math.isnan(earliest) or ts - earliest >= HOURLY_MIN_SPAN:
+                return
+            self.hourly = HourlySummary()
+        self.hourly.add(ts, {"duration": log_duration(duration),
+                             "records": NAN if math.isnan(records) else log_records(records)})
 
     def ordered(self, name: str) -> list[float]:
         """A column, oldest first."""
@@ -85,11 +209,17 @@ class RunHistory:
         return list(zip(self.ordered("ts"), self.ordered("duration"), self.ordered("records"), strict=True))
 
     @classmethod
-    def from_rows(cls, capacity: int, rows: Sequence[Sequence[float]]) -> RunHistory:
+    def from_rows(cls, capacity: int, rows: Sequence[Sequence[float]],
+                  hourly_rows: Sequence[Sequence[float]] = ()) -> RunHistory:
         history = cls(capacity)
         for ts, duration, records in rows[-capacity:]:
-            history.append(ts, duration, records)
+            history.append(ts, duration, records, summarise=not hourly_rows)  # else summarised already
+        if hourly_rows:
+            history.hourly = HourlySummary.from_rows(hourly_rows)
         return history
+
+    def hourly_rows(self) -> list[tuple[int, float, float]]:
+        return self.hourly.to_rows() if self.hourly is not None else []
 
     def profile(self, name: str, to_log: Callable[[float], float]) -> str:
         """The seasonal profile of a column, chosen again every PROFILE_EVERY new runs."""
@@ -108,6 +238,7 @@ class Judgement:
     ratio: float  # value / expected
     expected: float  # the baseline's median (of its seasonal slot)
     samples: int  # runs in the baseline
+    spread: float = NAN  # the log-space σ the z-score divides by
 
 
 NO_JUDGEMENT = Judgement(NAN, NAN, NAN, 0)
@@ -122,20 +253,42 @@ def log_records(records: float) -> float:
 
 
 def judge(values: Sequence[float], value: float, to_log: Callable[[float], float],
-          from_log: Callable[[float], float], absolute_floor: float = 0.0) -> Judgement:
-    """Judge `value` against baseline `values` (raw, NaN-free) in log space."""
+          from_log: Callable[[float], float], absolute_floor: float = 0.0, center_size: int = 0) -> Judgement:
+    """Judge `value` against baseline `values` (raw, NaN-free, latest first) in log space: its centre is the
+    median of the latest `center_size` of them (all if 0), so it follows drift; its spread is the larger
+    of theirs and all the values', as a MAD of 30 runs often misses a noisy pipeline's tails."""
     if not values or math.isnan(value):
         return NO_JUDGEMENT
     logs = [to_log(v) for v in values]
-    center = median(logs)
-    spread = MAD_TO_SIGMA * median(abs(x - center) for x in logs)
+    recent = logs[:center_size] if center_size else logs
+    center = median(recent)
+    spread = MAD_TO_SIGMA * median(abs(x - center) for x in recent)
+    if len(recent) < len(logs):
+        overall = median(logs)
+        spread = max(spread, MAD_TO_SIGMA * median(abs(x - overall) for x in logs))
     expected = from_log(center)
     floor = math.log1p(MIN_RELATIVE_SPREAD)
     if absolute_floor and expected > 0:
         floor = max(floor, math.log1p(absolute_floor / expected))
-    zscore = (to_log(value) - center) / max(spread, floor)
-    ratio = value / expected if expected > 0 else (1.0 if value == 0 else math.inf)
-    return Judgement(zscore, ratio, expected, len(values))
+    spread = max(spread, floor)
+    return Judgement((to_log(value) - center) / spread, _ratio(value, expected), expected, len(recent), spread)
+
+
+def _ratio(value: float, expected: float) -> float:
+    return value / expected if expected > 0 else (1.0 if value == 0 else math.inf)
+
+
+def temper(short: Judgement, value: float, reference: float, to_log: Callable[[float], float],
+           from_log: Callable[[float], float], direction: int) -> Judgement:
+    """`short` (against recent runs) or the same run against a long-term log-space `reference`, whichever
+    finds it less unusual in `direction` (+1: higher, i.e. slower; -1: lower, i.e. fewer records)."""
+    if math.isnan(short.zscore) or math.isnan(reference):
+        return short
+    if direction * reference <= direction * to_log(short.expected):
+        return short
+    expected = from_log(reference)
+    return Judgement((to_log(value) - reference) / short.spread, _ratio(value, expected), expected, short.samples,
+                     short.spread)
 
 
 def choose_profile(timestamps: Sequence[float], values: Sequence[float],
@@ -150,7 +303,7 @@ def choose_profile(timestamps: Sequence[float], values: Sequence[float],
     if len(points) < 2 * SLOT_SAMPLES:
         return "none"
     flat_spread, flat_outliers = _fit(points, _flat)
-    best, best_key = "none", (flat_spread, flat_outliers)
+    best, best_key = "none", (flat_outliers, flat_spread)
     enough_outliers = flat_outliers >= max(3, OUTLIER_SHARE * len(points))
     for name, slot_of in PROFILES.items():
         if name == "none":
@@ -159,8 +312,8 @@ def choose_profile(timestamps: Sequence[float], values: Sequence[float],
         if math.isinf(spread):
             continue
         helps = spread <= SEASONAL_GAIN * flat_spread or (enough_outliers and outliers <= flat_outliers / 2)
-        if helps and (spread, outliers) < best_key:
-            best, best_key = name, (spread, outliers)
+        if helps and (outliers, spread) < best_key:  # fewest runs it would call outliers, then tightest
+            best, best_key = name, (outliers, spread)
     return best
 
 

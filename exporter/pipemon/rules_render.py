@@ -421,11 +421,12 @@ def duration_alerts(config: RulesConfig) -> list[dict[str, Any]]:
 
         def slow(c: ScheduleClass, threshold: str = threshold, severity: str = severity) -> str:
             runs = c.runs_high if severity == "high" else c.runs_medium
+            ratio = "duration_ratio_high" if severity == "high" else "duration_ratio_min"
             return (
                 f"{_recent_runs(config, 'pipeline_run_duration_zscore', runs, 'min')}"
                 f" > {ON} {_threshold(threshold)}\n  and {ON}\n"
                 f"  {_recent_runs(config, 'pipeline_run_duration_ratio', runs, 'min')}"
-                f" >= {ON} {_threshold('duration_ratio_min')}"
+                f" >= {ON} {_threshold(ratio)}"
             )
 
         description = (
@@ -472,7 +473,11 @@ def throughput_alerts(config: RulesConfig) -> list[dict[str, Any]]:
         # records/s against the baseline's = records ratio / duration ratio, for each required run
         per_run = (f"{_sel(config, 'pipeline_run_records_ratio')[:-1]},runs_ago=~\"{_runs_ago(c.runs_high)}\"}}\n"
                    f"  /\n  {_sel(config, 'pipeline_run_duration_ratio')}")
-        return f"max {BY} (\n  {per_run}\n  ) < {ON} {_threshold('throughput_ratio_high')}"
+        # ... and each of those runs slow beyond the medium z-score: a noisy job's quick run with few records, or
+        # its slow run with many, is no drop in throughput
+        slow = (f"{_recent_runs(config, 'pipeline_run_duration_zscore', c.runs_high, 'min')}"
+                f" > {ON} {_threshold('duration_zscore_medium')}")
+        return f"max {BY} (\n  {per_run}\n  ) < {ON} {_threshold('throughput_ratio_high')}\n  and {ON}\n  {slow}"
 
     description = (
         f"{{{{ $labels.pipeline }}}}: the latest run processed {q('pipeline_last_run_records', NUMBER)} records in"

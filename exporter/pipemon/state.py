@@ -17,12 +17,14 @@ from pipemon import schedule
 from pipemon.baseline import (
     MIN_DURATION_SPREAD_SECONDS,
     NO_JUDGEMENT,
+    SPREAD_SAMPLES,
     Judgement,
     RunHistory,
     baseline_of,
     judge,
     log_duration,
     log_records,
+    temper,
 )
 from pipemon.events import Abandon, Finish, Forget, Record, Start
 from pipemon.registry import PipelineSpec
@@ -82,6 +84,7 @@ class Snapshot(msgspec.Struct, array_like=True):
     abandoned: dict[str, Undo] = msgspec.field(default_factory=dict)
     last_abandoned: str = ""
     runs_reverted: int = 0
+    hourly: list[tuple[int, float, float]] = []  # frequent pipelines' hourly summary (baseline.HourlySummary)
 
 
 class PipelineState:
@@ -155,11 +158,18 @@ class PipelineState:
         count = JUDGED_RUNS
         if previous is not None and (previous.duration_profile, previous.records_profile) == (d_profile, r_profile):
             count = 1
+        hourly = history.hourly
         for index in range(len(timestamps) - 1, max(-1, len(timestamps) - 1 - count), -1):
-            duration.append(judge(baseline_of(timestamps, durations, index, size, d_profile), durations[index],
-                                  log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS))
-            volume.append(judge(baseline_of(timestamps, records, index, size, r_profile), records[index],
-                                log_records, math.expm1))
+            ts, d, r = timestamps[index], durations[index], records[index]
+            slow = judge(baseline_of(timestamps, durations, index, SPREAD_SAMPLES, d_profile), d, log_duration,
+                         math.exp, MIN_DURATION_SPREAD_SECONDS, size)
+            low = judge(baseline_of(timestamps, records, index, SPREAD_SAMPLES, r_profile), r, log_records,
+                        math.expm1, center_size=size)
+            if hourly is not None:
+                slow = temper(slow, d, hourly.reference("duration", ts), log_duration, math.exp, +1)
+                low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
+            duration.append(slow)
+            volume.append(low)
         if count == 1 and previous is not None:
             duration += previous.duration[:JUDGED_RUNS - 1]
             volume += previous.records[:JUDGED_RUNS - 1]
@@ -229,6 +239,7 @@ class PipelineState:
             list(self.gaps), self.starts_seen,
             data_clock=self.data_clock, data_clock_at=self.data_clock_at, arrived=self.arrived,
             abandoned=self.abandoned, last_abandoned=self.last_abandoned, runs_reverted=self.runs_reverted,
+            hourly=self.history.hourly_rows(),
         )
 
     @classmethod
@@ -236,10 +247,10 @@ class PipelineState:
                 history_size: int = 336) -> PipelineState:
         state = cls(spec, baseline_size, history_size)
         for name in Snapshot.__struct_fields__:
-            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps"):
+            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "hourly"):
                 setattr(state, name, getattr(snap, name))
         rows = snap.history or _rows_of_old_ring(snap)
-        state.history = RunHistory.from_rows(history_size, rows)
+        state.history = RunHistory.from_rows(history_size, rows, snap.hourly)
         state.gaps.extend(snap.gaps)
         if len(state.bucket_counts) != len(DURATION_BUCKETS) + 1:  # buckets changed between versions
             state.bucket_counts = [0] * len(DURATION_BUCKETS) + [state.duration_count]
