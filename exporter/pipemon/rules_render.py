@@ -366,9 +366,14 @@ def _recent_runs(config: RulesConfig, metric: str, runs: int, aggregate: str) ->
 
 
 def _finished_run(config: RulesConfig) -> str:
-    """The latest run finished within the finished-run window: alerts about a run fire once and resolve."""
+    """The latest run finished within the finished-run window, or within one expected interval less
+    keep_firing_for when that is shorter: alerts about a run fire once and resolve, by the time the next run
+    is due (at least a minute, so Alertmanager hears of it)."""
     window = _num(parse_duration(config.finished_run_window))
-    return f"and {ON}\n(time() - {_gauge(config, 'pipeline_last_run_timestamp_seconds')}) < {window}"
+    keep = _num(parse_duration(config.keep_firing_for))
+    interval = _gauge(config, "pipeline_expected_interval_seconds")
+    return (f"and {ON}\n(time() - {_gauge(config, 'pipeline_last_run_timestamp_seconds')})"
+            f" < {ON} clamp({interval} - {keep}, 60, {window})")
 
 
 def _latest_success_judged(config: RulesConfig) -> str:
