@@ -73,7 +73,7 @@ class HourlySummary:
     """Per clock hour with successful runs, the median log duration and log records of those runs, for the
     latest HOURS_KEPT such hours: a frequent pipeline's seasonal memory at one sample per hour."""
 
-    __slots__ = ("bucket", "bucket_hour", "columns", "hours", "profiles", "start")
+    __slots__ = ("bucket", "bucket_hour", "columns", "hours", "profiles", "references", "start")
 
     def __init__(self) -> None:
         self.hours = array("q")
@@ -82,6 +82,7 @@ class HourlySummary:
         self.bucket_hour = -1  # the hour being collected, not yet in the ring
         self.bucket: dict[str, list[float]] = {"duration": [], "records": []}
         self.profiles: dict[str, tuple[str, int]] = {}  # column -> (profile, bucket_hour when chosen)
+        self.references: dict[tuple[str, int], float] = {}  # (column, hour) -> reference, until the next push
 
     def __len__(self) -> int:
         return len(self.hours)
@@ -105,6 +106,7 @@ class HourlySummary:
         self.bucket = {"duration": [], "records": []}
 
     def _push(self, hour: int, duration: float, records: float) -> None:
+        self.references.clear()
         if len(self.hours) < HOURS_KEPT:
             self.hours.append(hour)
             self.columns["duration"].append(duration)
@@ -137,6 +139,12 @@ class HourlySummary:
     def reference(self, name: str, ts: float) -> float:
         """The log-space median of the latest hours of `ts`'s seasonal slot before `ts`'s hour; NaN when the
         summary is too thin to say."""
+        key = (name, int(ts // 3600))
+        if key not in self.references:  # a frequent pipeline's runs of one hour share their reference
+            self.references[key] = self._reference(name, ts)
+        return self.references[key]
+
+    def _reference(self, name: str, ts: float) -> float:
         hours, values = self._ordered(self.hours), self._ordered(self.columns[name])
         if len(hours) < 2 * SLOT_SAMPLES:
             return NAN
@@ -336,16 +344,25 @@ def _fit(points: list[tuple[float, float]], slot_of: Callable[[float], int],
     return spread, sum(1 for d in deviations if d > limit)
 
 
-def baseline_of(timestamps: Sequence[float], values: Sequence[float], index: int, size: int,
-                profile: str) -> list[float]:
-    """The up to `size` most recent known values before position `index`, from that run's seasonal slot."""
+def slots_of(timestamps: Sequence[float], profile: str) -> list[int | None]:
+    """Each run's seasonal slot under `profile` (None: time unknown), computed once for several lookups."""
     slot_of = PROFILES[profile]
-    slot = slot_of(timestamps[index]) if not math.isnan(timestamps[index]) else None
+    return [None if math.isnan(ts) else slot_of(ts) for ts in timestamps]
+
+
+def baseline_of(timestamps: Sequence[float], values: Sequence[float], index: int, size: int,
+                profile: str, slots: Sequence[int | None] | None = None) -> list[float]:
+    """The up to `size` most recent known values before position `index`, from that run's seasonal slot
+    (`slots`: slots_of(timestamps, profile), when the caller has it)."""
+    if slots is None:
+        slots = slots_of(timestamps, profile) if profile != "none" else [0] * len(timestamps)
+    slot = slots[index]
     picked: list[float] = []
     if profile != "none" and slot is not None:
         for i in range(index - 1, -1, -1):
-            if not math.isnan(values[i]) and not math.isnan(timestamps[i]) and slot_of(timestamps[i]) == slot:
-                picked.append(values[i])
+            value = values[i]
+            if slots[i] == slot and value == value:  # value == value: not NaN
+                picked.append(value)
                 if len(picked) == size:
                     return picked
         if len(picked) >= SLOT_SAMPLES:

@@ -24,6 +24,7 @@ from pipemon.baseline import (
     judge,
     log_duration,
     log_records,
+    slots_of,
     temper,
 )
 from pipemon.events import Abandon, Finish, Forget, Record, Start
@@ -159,12 +160,13 @@ class PipelineState:
         if previous is not None and (previous.duration_profile, previous.records_profile) == (d_profile, r_profile):
             count = 1
         hourly = history.hourly
+        slots = {profile: slots_of(timestamps, profile) for profile in {d_profile, r_profile}}
         for index in range(len(timestamps) - 1, max(-1, len(timestamps) - 1 - count), -1):
             ts, d, r = timestamps[index], durations[index], records[index]
-            slow = judge(baseline_of(timestamps, durations, index, SPREAD_SAMPLES, d_profile), d, log_duration,
-                         math.exp, MIN_DURATION_SPREAD_SECONDS, size)
-            low = judge(baseline_of(timestamps, records, index, SPREAD_SAMPLES, r_profile), r, log_records,
-                        math.expm1, center_size=size)
+            slow = judge(baseline_of(timestamps, durations, index, SPREAD_SAMPLES, d_profile, slots[d_profile]), d,
+                         log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS, size)
+            low = judge(baseline_of(timestamps, records, index, SPREAD_SAMPLES, r_profile, slots[r_profile]), r,
+                        log_records, math.expm1, center_size=size)
             if hourly is not None:
                 slow = temper(slow, d, hourly.reference("duration", ts), log_duration, math.exp, +1)
                 low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
