@@ -57,6 +57,9 @@ class ScheduleClass(msgspec.Struct, forbid_unknown_fields=True):
     runs_medium: ConfirmRuns
     runs_high: ConfirmRuns
     success_window: Literal[SUCCESS_WINDOWS]  # type: ignore[valid-type]
+    # with a long success window, also this many failures among the latest 10 runs (0: no such condition), so
+    # that after an outage one transient failure does not page again while the outage is still in the window
+    failures_in_latest_10: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
 
     @property
     def seconds(self) -> float:
@@ -367,13 +370,17 @@ def _recent_runs(config: RulesConfig, metric: str, runs: int, aggregate: str) ->
 
 def _finished_run(config: RulesConfig) -> str:
     """The latest run finished within the finished-run window, or within one expected interval less
-    keep_firing_for when that is shorter: alerts about a run fire once and resolve, by the time the next run
-    is due (at least a minute, so Alertmanager hears of it)."""
+    keep_firing_for (and the evaluation lag) when that is shorter: alerts about a run fire once and resolve by
+    the time the next run is due (at least two evaluation intervals and a minute, so that an evaluation
+    sees it)."""
     window = _num(parse_duration(config.finished_run_window))
-    keep = _num(parse_duration(config.keep_firing_for))
+    # less keep_firing_for and two evaluation intervals: the scrape and the evaluation that see the run
+    evaluation = parse_duration(config.evaluation_interval)
+    keep = _num(parse_duration(config.keep_firing_for) + 2 * evaluation)
+    shortest = _num(max(2 * evaluation, 60.0))  # a scrape and an evaluation must still see the run
     interval = _gauge(config, "pipeline_expected_interval_seconds")
     return (f"and {ON}\n(time() - {_gauge(config, 'pipeline_last_run_timestamp_seconds')})"
-            f" < {ON} clamp({interval} - {keep}, 60, {window})")
+            f" < {ON} clamp({interval} - {keep}, {shortest}, {window})")
 
 
 def _latest_success_judged(config: RulesConfig) -> str:
@@ -405,8 +412,12 @@ def success_rate_alerts(config: RulesConfig) -> list[dict[str, Any]]:
         threshold = f"success_ratio_{severity}"
 
         def below(c: ScheduleClass, threshold: str = threshold) -> str:
-            return (f"min {BY} ({_sel(config, ratio, runs=str(c.success_window))})"
+            expr = (f"min {BY} ({_sel(config, ratio, runs=str(c.success_window))})"
                     f" < {ON} {_threshold(threshold)}")
+            if c.failures_in_latest_10:
+                expr += (f"\n  and {ON}\n  min {BY} ({_sel(config, ratio, runs='10')})"
+                         f" <= {_num(1 - c.failures_in_latest_10 / 10)}")
+            return expr
 
         description = (
             f"{{{{ $labels.pipeline }}}}: {figures} runs succeeded"
