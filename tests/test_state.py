@@ -362,3 +362,37 @@ def test_abandonments_taken_back_out_of_order_never_leave_a_taken_back_failure_a
     state, _ = apply_all(records)
     assert (state.runs_success, state.runs_failure, state.consecutive_failures) == (3, 0, 0)
     assert state.last_run_success and state.last_run_ts >= 4
+
+
+MONDAY = 1_767_571_200  # Monday 2026-01-05 00:00 UTC
+
+
+def hourly_runs(days: range, weekdays: set[int]) -> Pipelines:
+    """An unregistered pipeline (interval learned) starting a run every hour of the given days since MONDAY,
+    on the given weekdays only (Monday 0)."""
+    pipelines = Pipelines()
+    for day in days:
+        if day % 7 not in weekdays:
+            continue
+        for hour in range(24):
+            start = MONDAY + day * 86400 + hour * 3600
+            pipelines.apply(Start("p", f"r{day}-{hour}", start), spec_for)
+            pipelines.apply(finish(f"r{day}-{hour}", start + 60, duration=60.0), spec_for)
+    return pipelines
+
+
+def test_a_weekdays_only_pipeline_without_a_schedule_is_not_due_at_the_weekend():
+    three_weeks = hourly_runs(range(19), weekdays={0, 1, 2, 3, 4})  # ends Friday of the third week
+    state = three_weeks.get("p")
+    assert state.next_run_due() == MONDAY + 21 * 86400  # Friday 23:00 + 1 h is Saturday: the Monday after
+    every_day = hourly_runs(range(19), weekdays=set(range(7))).get("p")
+    assert every_day.next_run_due() == every_day.last_start_ts + 3600
+    one_week = hourly_runs(range(5), weekdays={0, 1, 2, 3, 4}).get("p")  # too little history to know
+    assert one_week.next_run_due() == one_week.last_start_ts + 3600
+
+
+def test_weekday_activity_survives_a_restart():
+    state = hourly_runs(range(19), weekdays={0, 1, 2, 3, 4}).get("p")
+    again = PipelineState.restore(msgspec.msgpack.decode(msgspec.msgpack.encode(state.snapshot()),
+                                                         type=type(state.snapshot())), state.spec, 30)
+    assert again.next_run_due() == state.next_run_due() == MONDAY + 21 * 86400

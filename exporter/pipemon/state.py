@@ -86,6 +86,8 @@ class Snapshot(msgspec.Struct, array_like=True):
     last_abandoned: str = ""
     runs_reverted: int = 0
     hourly: list[tuple[int, float, float]] = []  # frequent pipelines' hourly summary (baseline.HourlySummary)
+    weekdays: list[int] = []  # weekdays with runs started, per week (schedule.learn_weekday)
+    weekdays_week: int = 0
 
 
 class PipelineState:
@@ -96,7 +98,8 @@ class PipelineState:
         "data_clock_at", "duration_count", "duration_sum", "gaps", "history", "in_progress", "last_abandoned",
         "last_failure_ts", "last_run_duration", "last_run_records", "last_run_success", "last_run_throughput",
         "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes", "records_total",
-        "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen", "team", "version",
+        "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen", "team", "version", "weekdays",
+        "weekdays_week",
     )
 
     def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336) -> None:
@@ -129,6 +132,8 @@ class PipelineState:
         self.last_start_ts = 0.0
         self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
         self.starts_seen = False
+        self.weekdays: list[int] = []  # weekdays runs started on, per week, latest first (schedule.learn_weekday)
+        self.weekdays_week = 0  # the week of weekdays[0]
         # The data's own clock: the newest event time applied, and when (wall clock) that event arrived.
         self.data_clock = 0.0
         self.data_clock_at = 0.0
@@ -202,7 +207,8 @@ class PipelineState:
             tolerance = 0.5 * self.spec.expected_interval_seconds
             due = schedule.next_fire(self.spec.schedule, self.last_start_ts + tolerance)
         else:
-            due = self.last_start_ts + self.expected_interval()
+            due = schedule.skip_quiet_days(self.weekdays, self.weekdays_week,
+                                           self.last_start_ts + self.expected_interval())
         if not self.starts_seen:
             expected = self.judgements().duration[0].expected
             due += 0.0 if math.isnan(expected) else expected
@@ -241,7 +247,7 @@ class PipelineState:
             list(self.gaps), self.starts_seen,
             data_clock=self.data_clock, data_clock_at=self.data_clock_at, arrived=self.arrived,
             abandoned=self.abandoned, last_abandoned=self.last_abandoned, runs_reverted=self.runs_reverted,
-            hourly=self.history.hourly_rows(),
+            hourly=self.history.hourly_rows(), weekdays=self.weekdays, weekdays_week=self.weekdays_week,
         )
 
     @classmethod
@@ -448,6 +454,7 @@ class Pipelines:
         if state.last_start_ts and (len(state.gaps) < MIN_GAPS or gap >= state.expected_interval() / 10):
             state.gaps.append(gap)
         state.last_start_ts = started
+        state.weekdays, state.weekdays_week = schedule.learn_weekday(state.weekdays, state.weekdays_week, started)
 
     @staticmethod
     def _learn_outcome(state: PipelineState, success: bool) -> None:
