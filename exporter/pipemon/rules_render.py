@@ -60,6 +60,9 @@ class ScheduleClass(msgspec.Struct, forbid_unknown_fields=True):
     # with a long success window, also this many failures among the latest 10 runs (0: no such condition), so
     # that after an outage one transient failure does not page again while the outage is still in the window
     failures_in_latest_10: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+    # PipelineRunFailed (low) from at least this many failures in a row, whatever failed_runs_low says: a job
+    # running every few minutes fails once a day or more, and a message each time is noise
+    failed_runs_low_at_least: Annotated[int, msgspec.Meta(ge=1)] = 1
 
     @property
     def seconds(self) -> float:
@@ -415,8 +418,10 @@ def success_rate_alerts(config: RulesConfig) -> list[dict[str, Any]]:
             expr = (f"min {BY} ({_sel(config, ratio, runs=str(c.success_window))})"
                     f" < {ON} {_threshold(threshold)}")
             if c.failures_in_latest_10:
-                expr += (f"\n  and {ON}\n  min {BY} ({_sel(config, ratio, runs='10')})"
-                         f" <= {_num(1 - c.failures_in_latest_10 / 10)}")
+                latest_10 = f"min {BY} ({_sel(config, ratio, runs='10')})"
+                expr += f"\n  and {ON}\n  {latest_10} <= {_num(1 - c.failures_in_latest_10 / 10)}"
+                if threshold == "success_ratio_medium":  # half of the latest 10 failed: no need to wait for 50
+                    expr = f"(\n  {expr}\n  or {ON}\n  {latest_10} < {ON} {_threshold('success_ratio_high')}\n  )"
             return expr
 
         description = (
@@ -518,10 +523,17 @@ def failure_alerts(config: RulesConfig) -> list[dict[str, Any]]:
         f"(\n  {failures} >= 2\n  and {ON}\n"
         f"  (time() - max {BY} ({last_success} > 0)) >= {ON} {_threshold('failing_seconds_critical')}\n)"
     )
+
+    def failed(c: ScheduleClass) -> str:
+        at_least = ""
+        if c.failed_runs_low_at_least > 1:
+            at_least = f"\n  and {ON}\n  {failures} >= {c.failed_runs_low_at_least}"
+        return f"{failures} >= {ON} {_threshold('failed_runs_low')}{at_least}"
+
     return [
         _alert(
             config, "PipelineRunFailed", "low",
-            f"(\n  {failures} >= {ON} {_threshold('failed_runs_low')}\n)\n"
+            f"{_by_class(config, failed)}\n"
             f"unless {ON}\n({critical_expr})\n" + _finished_run(config),
             "A pipeline's latest run failed.",
             f"{{{{ $labels.pipeline }}}}: the latest run failed ({{{{ $value }}}} in a row;"
