@@ -13,17 +13,17 @@ from aiohttp import web
 
 from pipemon import __version__
 from pipemon.auth import Principal, Tokens
+from pipemon.backends import StorageError, open_backend
 from pipemon.config import ServeConfig
 from pipemon.events import Finish, Forget, RunFinished, RunStarted, Start, finished_record, started_record
 from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
 from pipemon.ingest import Admission, Rejection, decode_batch, decode_item, split_items, to_record
 from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
-from pipemon.recorder import Recorder, RecorderSettings, state_path
+from pipemon.recorder import Recorder, RecorderSettings
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.state import SUCCESS_WINDOWS, PipelineState
-from pipemon.storage import Storage, StorageError
 from pipemon.webconfig import WebConfig
 
 log = logging.getLogger("pipemon")
@@ -54,7 +54,7 @@ class Exporter:
                                     history_size=config.history_size,
                                     abandon_after_factor=config.abandon_after_factor,
                                     sweep_interval=config.sweep_interval)
-        storage = Storage(state_path(config.state_dir), config.storage_sync)
+        storage = open_backend(config.state or config.state_dir, config.storage_sync)
         self.recorder = Recorder(self.load_registry(), storage, self.metrics, settings, clock)
         self.renderer = MetricsRenderer(lambda: self.recorder.pipelines, self.metrics.registry)
 
@@ -263,12 +263,9 @@ async def delete_pipeline(request: web.Request) -> web.Response:
     if exp.recorder.pipelines.get(name) is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     try:
-        await exp.recorder.submit([Forget(name)])
+        await exp.recorder.submit([Forget(name)])  # a registered pipeline is re-created from zero as it applies
     except StorageError:
         return error_response(Rejection(503, "storage_unavailable", "cannot store the deletion; retry later"))
-    spec = exp.registry.lookup(name)
-    if spec is not None and spec.registered:
-        exp.recorder.pipelines.ensure(spec)
     return json_response({"status": "deleted", "pipeline": name})
 
 

@@ -70,7 +70,7 @@ def serve(config: ServeConfig) -> int:
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
         log.info("pipemon listening on %s://%s:%d (state in %s)", "https" if ssl_context else "http", config.host,
-                 config.port, config.state_dir)
+                 config.port, app[EXPORTER_KEY].recorder.storage.describe())
 
     app.on_startup.append(on_startup)
     web.run_app(app, host=config.host, port=config.port, print=None,
