@@ -190,6 +190,9 @@ async def get_metrics(request: web.Request) -> web.Response:
     openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
     gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
     started = time.perf_counter()
+    # Replicas over one database: hold everything committed up to now before rendering, so no scrape of any
+    # replica shows less than an earlier scrape of another. When the database is unreachable, the last state.
+    await exp.recorder.catch_up()
     # Gzip (level 1) comes from the renderer's cache of compressed segments: only what changed is compressed.
     body = await (exp.renderer.render_gzip(openmetrics) if gzipped else exp.renderer.render(openmetrics))
     exp.metrics.render_seconds.observe(time.perf_counter() - started)
