@@ -4,6 +4,7 @@ the SQLite guarantees (acknowledged = committed, a failed write keeps nothing, a
 two replicas counted once)."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 
@@ -158,3 +159,36 @@ async def test_checkpoints_run_on_one_replica(exporter_client, pg_config):
     assert await leads(clients[leaders.index(True)])  # asking again keeps it (and does not stack the lock)
     await clients[leaders.index(True)].close()  # the leader goes: the other takes over at its next try
     assert await leads(clients[leaders.index(False)])
+
+
+async def _stall_follower(client) -> None:
+    """Stop a replica's follower (its NOTIFY wake-ups): it moves on only when it writes or is scraped."""
+    follower = client.exporter.recorder._tasks[2]
+    follower.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await follower
+
+
+async def _truncate_past(client) -> None:
+    """Two checkpoints of the leader: the shared log is truncated one checkpoint late."""
+    for i in range(2):
+        await post(client, run("orders_daily", f"ckpt{i}"))
+        await client.exporter.recorder._checkpoint()
+
+
+@pytest.mark.parametrize("then", ["scrape", "write"])
+async def test_a_replica_behind_a_truncated_log_reloads_from_the_checkpoints(exporter_client, pg_config, then,
+                                                                             caplog):
+    a = await exporter_client(pg_config)
+    b = await exporter_client(pg_config)
+    await _stall_follower(b)
+    behind = b.exporter.recorder.applied_seq
+    await send_history(a)
+    await _truncate_past(a)
+    assert a.exporter.recorder._truncate_next > behind
+    if then == "write":
+        assert (await post(b, run("orders_daily", "from-b")))[1]["status"] == "accepted"
+        await post(a, run("orders_daily", "from-b"))  # a duplicate on both
+    assert exported(await metrics(b)) == exported(await metrics(a))
+    assert b.exporter.recorder.applied_seq == a.exporter.recorder.applied_seq
+    assert "state reloaded from the checkpoints" in caplog.text
