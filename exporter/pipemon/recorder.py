@@ -89,7 +89,6 @@ class Recorder:
         # Applying is serialised: the writer's own groups and other writers' rows go in log order.
         self._apply_lock = asyncio.Lock()
         self._follow = asyncio.Event()
-        self._notified_seq = 0
         self._truncate_next = 0  # shared log: truncated one checkpoint late, so slow replicas need no reload
 
     # ---- lifecycle -----------------------------------------------------------------------------------
