@@ -78,8 +78,10 @@ def is_postgres_url(state: str) -> bool:
 def open_backend(state: str | Path, sync: str = "normal") -> StateBackend:
     """The backend for `--state`: a postgresql:// URL, else a state directory for SQLite."""
     if isinstance(state, str) and is_postgres_url(state):
-        from pipemon.backends.postgres import PostgresBackend  # psycopg is an optional extra
-
+        try:
+            from pipemon.backends.postgres import PostgresBackend  # psycopg is an optional extra
+        except ImportError as exc:
+            raise StorageError(str(exc)) from exc
         return PostgresBackend(state)
     from pipemon.backends.sqlite import SQLiteBackend, state_path
 
