@@ -31,6 +31,7 @@ class Upstreams:
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers.setdefault("Accept-Encoding", "identity")  # else aiohttp asks for gzip the caller cannot read
         assert self.session is not None
         for step in range(len(self.urls)):
             index = (self.current + step) % len(self.urls)
