@@ -28,14 +28,20 @@ def run_as() -> dict[str, object]:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
+def cluster_dir(directory: Path) -> Path:
+    """Where the cluster of a stack in `directory` lives. As root, a directory of the `postgres` user under /tmp
+    named after `directory` (which may lie where `postgres` cannot reach, e.g. under a 0700 home or pytest's
+    temporary root)."""
+    if not run_as():
+        return directory
+    digest = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"pipemon-pg-{digest}"
+
+
 def prepare(directory: Path) -> Path:
-    """initdb into directory/data unless it exists; returns the data directory. As root, the cluster goes to
-    a directory of the `postgres` user under /tmp named after `directory` (the stack's directory may lie
-    where `postgres` cannot reach, e.g. under a 0700 home or pytest's temporary root)."""
+    """initdb into cluster_dir(directory)/data unless it exists; returns the data directory."""
     who = run_as()
-    if who:
-        digest = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:12]
-        directory = Path(tempfile.gettempdir()) / f"pipemon-pg-{digest}"
+    directory = cluster_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "data"
     if who:

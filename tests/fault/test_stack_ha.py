@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -100,3 +101,4 @@ def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_
               f" {dict(after - delivered)}: each once")
     finally:
         st.stop()
+        shutil.rmtree(pglocal.cluster_dir(directory / "postgres"), ignore_errors=True)
