@@ -4,10 +4,10 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 BIN         := $(VENV)/bin
-APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk
+APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk postgresql
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages run serve test test-quick lint bench render clean
+.PHONY: install system-packages run run-ha serve test test-quick lint bench render clean
 
 install: system-packages $(VENV)/.installed
 
@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	$(BIN)/pipemon stack --demo
+
+run-ha: install
+	$(BIN)/pipemon stack --ha --demo
 
 serve: install
 	$(BIN)/pipemon serve --registry pipelines.yaml --state-dir pipemon-state

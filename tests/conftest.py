@@ -40,3 +40,19 @@ def exporter_client(aiohttp_client, config):
         return client
 
     return start
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the whole session (tests/pg.py), stopped at the end."""
+    from tests import pg
+
+    pg.require()
+    with pg.postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL."""
+    return postgres_server.new_database()

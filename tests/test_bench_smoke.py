@@ -25,3 +25,16 @@ def test_bench_quick_run_prints_every_figure():
     for figure in FIGURES:
         assert figure in out.stdout, figure
     assert "| pipemon " in out.stdout and "| pushgateway " in out.stdout and "| ratio " in out.stdout
+
+
+@pytest.mark.slow
+def test_ha_bench_quick_run_prints_every_figure():
+    from tests import pg
+
+    pg.require()
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "ha.py"), "--quick"], capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    for figure in ("single runs, 1 client", "single runs, 8 clients", "NDJSON batches of 500",
+                   "replication lag", "whole /metrics", "shard 3 of 4"):
+        assert figure in out.stdout, figure

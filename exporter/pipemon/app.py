@@ -13,22 +13,24 @@ from aiohttp import web
 
 from pipemon import __version__
 from pipemon.auth import Principal, Tokens
+from pipemon.backends import StorageError, open_backend
 from pipemon.config import ServeConfig
 from pipemon.events import Finish, Forget, RunFinished, RunStarted, Start, finished_record, started_record
 from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
 from pipemon.ingest import Admission, Rejection, decode_batch, decode_item, split_items, to_record
 from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
-from pipemon.recorder import Recorder, RecorderSettings, state_path
+from pipemon.recorder import Recorder, RecorderSettings
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
+from pipemon.sharding import ShardError, parse_shard, shard_filter
 from pipemon.state import SUCCESS_WINDOWS, PipelineState
-from pipemon.storage import Storage, StorageError
 from pipemon.webconfig import WebConfig
 
 log = logging.getLogger("pipemon")
 EXPORTER_KEY = web.AppKey("exporter", "Exporter")
 EMPTY_REGISTRY = "teams: {}\n"
+MAX_SHARD_RENDERERS = 64
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
 # Wire event -> record; None means "valid, nothing to record".
 Converter = Callable[[Any], Start | Finish | None]
@@ -54,9 +56,24 @@ class Exporter:
                                     history_size=config.history_size,
                                     abandon_after_factor=config.abandon_after_factor,
                                     sweep_interval=config.sweep_interval)
-        storage = Storage(state_path(config.state_dir), config.storage_sync)
+        storage = open_backend(config.state or config.state_dir, config.storage_sync)
         self.recorder = Recorder(self.load_registry(), storage, self.metrics, settings, clock)
         self.renderer = MetricsRenderer(lambda: self.recorder.pipelines, self.metrics.registry)
+        self._shard_renderers: dict[tuple[int, int], MetricsRenderer] = {}
+
+    def renderer_for(self, shard: tuple[int, int] | None) -> MetricsRenderer:
+        """The renderer of the whole exposition, or of one shard (each keeps its own cache of rendered
+        pipelines; all share one thread). The exporter's own metrics go with shard 0."""
+        if shard is None:
+            return self.renderer
+        renderer = self._shard_renderers.get(shard)
+        if renderer is None:
+            if len(self._shard_renderers) >= MAX_SHARD_RENDERERS:  # someone walks through shard counts
+                self._shard_renderers.clear()
+            renderer = self._shard_renderers[shard] = MetricsRenderer(
+                shard_filter(lambda: self.recorder.pipelines, *shard),
+                self.metrics.registry if shard[0] == 0 else None, self.renderer.threads)
+        return renderer
 
     @property
     def registry(self) -> Registry:
@@ -187,11 +204,18 @@ async def post_lineage(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     exp = _exporter(request)
+    try:
+        renderer = exp.renderer_for(parse_shard(request.query))
+    except ShardError as exc:
+        return error_response(Rejection(400, "invalid_shard", str(exc), "shard"))
     openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
     gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
     started = time.perf_counter()
+    # Replicas over one database: hold everything committed up to now before rendering, so no scrape of any
+    # replica shows less than an earlier scrape of another. When the database is unreachable, the last state.
+    await exp.recorder.catch_up()
     # Gzip (level 1) comes from the renderer's cache of compressed segments: only what changed is compressed.
-    body = await (exp.renderer.render_gzip(openmetrics) if gzipped else exp.renderer.render(openmetrics))
+    body = await (renderer.render_gzip(openmetrics) if gzipped else renderer.render(openmetrics))
     exp.metrics.render_seconds.observe(time.perf_counter() - started)
     headers = {"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE}
     if gzipped:
@@ -263,12 +287,9 @@ async def delete_pipeline(request: web.Request) -> web.Response:
     if exp.recorder.pipelines.get(name) is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     try:
-        await exp.recorder.submit([Forget(name)])
+        await exp.recorder.submit([Forget(name)])  # a registered pipeline is re-created from zero as it applies
     except StorageError:
         return error_response(Rejection(503, "storage_unavailable", "cannot store the deletion; retry later"))
-    spec = exp.registry.lookup(name)
-    if spec is not None and spec.registered:
-        exp.recorder.pipelines.ensure(spec)
     return json_response({"status": "deleted", "pipeline": name})
 
 

@@ -13,8 +13,14 @@ exponential backoff) are appended to a local spool file and sent, oldest first, 
 pipeline using the same spool. Delivery is at least once; the exporter's idempotency on (pipeline, run_id) makes
 it count once. An event the exporter rejects (4xx) is logged and dropped: sending it again would not help.
 
-Environment: PIPEMON_URL (default http://127.0.0.1:9464), PIPEMON_TOKEN (bearer token), PIPEMON_SPOOL (default
-~/.cache/pipemon/spool.ndjson), PIPEMON_RUN_ID (the id of this attempt; see `new_run_id`).
+Several exporter URLs (replicas over one PostgreSQL: `url=[...]`, or comma-separated in PIPEMON_URL) make the
+client fail over: an exporter that does not answer (or answers 5xx) is passed over for the next one, and the
+next report starts with the one that last answered; only when none of them takes the event is it spooled. An
+event that reached a replica which then died is sent again to another: the database counts it once.
+
+Environment: PIPEMON_URL (default http://127.0.0.1:9464; several: comma-separated), PIPEMON_TOKEN (bearer
+token), PIPEMON_SPOOL (default ~/.cache/pipemon/spool.ndjson), PIPEMON_RUN_ID (the id of this attempt; see
+`new_run_id`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,12 +163,23 @@ def _parse_lines(lines: list[str]) -> list[Entry]:
 # ---- sending -----------------------------------------------------------------------------------------
 
 
-class Reporter:
-    """Sends run events to one exporter; spools what it cannot deliver. `report` never raises."""
+def exporter_urls(url: str | Sequence[str] | None) -> list[str]:
+    """The exporter URLs to try in turn: given (a list, or comma-separated), else PIPEMON_URL, else the default."""
+    given = url if url else os.environ.get("PIPEMON_URL") or DEFAULT_URL
+    parts = given.split(",") if isinstance(given, str) else [p for item in given for p in item.split(",")]
+    urls = [part.strip().rstrip("/") for part in parts if part.strip()]
+    return urls or [DEFAULT_URL]
 
-    def __init__(self, url: str | None = None, token: str | None = None, spool: str | Path | None = None,
-                 timeout: float = 3.0, retries: int = 3, backoff: float = 0.5) -> None:
-        self.url = (url or os.environ.get("PIPEMON_URL") or DEFAULT_URL).rstrip("/")
+
+class Reporter:
+    """Sends run events to an exporter, failing over between several; spools what none of them takes.
+    `report` never raises."""
+
+    def __init__(self, url: str | Sequence[str] | None = None, token: str | None = None,
+                 spool: str | Path | None = None, timeout: float = 3.0, retries: int = 3,
+                 backoff: float = 0.5) -> None:
+        self.urls = exporter_urls(url)
+        self._current = 0  # the exporter that answered last: tried first
         self.token = token if token is not None else os.environ.get("PIPEMON_TOKEN")
         self.spool = Spool(Path(spool or os.environ.get("PIPEMON_SPOOL") or DEFAULT_SPOOL).expanduser())
         self.timeout = timeout
@@ -242,11 +259,32 @@ class Reporter:
             if result.get("status") == "rejected":
                 log.warning("pipemon rejected a spooled event of %s: %s", path, result.get("error"))
 
+    @property
+    def url(self) -> str:
+        """The exporter tried first."""
+        return self.urls[self._current]
+
     def _post(self, path: str, body: bytes, content_type: str) -> dict[str, Any]:
+        """POST to the exporters in turn from the current one; Unreachable only when none of them answers."""
+        failures: list[str] = []
+        for step in range(len(self.urls)):
+            index = (self._current + step) % len(self.urls)
+            try:
+                answer = self._post_to(self.urls[index], path, body, content_type)
+            except Unreachable as exc:
+                failures.append(f"{self.urls[index]}: {exc}")
+                continue
+            if index != self._current:
+                log.warning("pipemon: failed over to %s (%s)", self.urls[index], "; ".join(failures))
+                self._current = index
+            return answer
+        raise Unreachable("; ".join(failures))
+
+    def _post_to(self, base: str, path: str, body: bytes, content_type: str) -> dict[str, Any]:
         headers = {"Content-Type": content_type}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=body, headers=headers, method="POST")
+        request = urllib.request.Request(base + path, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 return json.loads(resp.read() or b"{}")

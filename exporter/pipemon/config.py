@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipemon.backends import is_postgres_url
 from pipemon.lineage import check_name_template
 
 
@@ -16,6 +17,7 @@ class ServeConfig:
     port: int = 9464
     registry: Path | None = None
     state_dir: Path = Path("pipemon-state")
+    state: str = ""  # a postgresql:// URL: state in PostgreSQL, shared by replicas (else SQLite in state_dir)
     tokens: Path | None = None
     web_config: Path | None = None
     log_level: str = "info"
@@ -38,6 +40,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--listen", "PIPEMON_LISTEN", "listen", str, "host:port to listen on"),
     ("--registry", "PIPEMON_REGISTRY", "registry", Path, "ownership registry (pipelines.yaml)"),
     ("--state-dir", "PIPEMON_STATE_DIR", "state_dir", Path, "directory of the SQLite state"),
+    ("--state", "PIPEMON_STATE", "state", str,
+     "postgresql://user@host:port/db: keep the state in PostgreSQL (replicas may share it) instead of --state-dir"),
     ("--tokens", "PIPEMON_TOKENS", "tokens", Path, "tokens file; without one, writes are open to anyone"),
     ("--web-config", "PIPEMON_WEB_CONFIG", "web_config", Path,
      "exporter-toolkit web config: TLS (tls_server_config) and basic auth on /metrics (basic_auth_users)"),
@@ -103,6 +107,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--lineage-pipeline-name / PIPEMON_LINEAGE_PIPELINE_NAME: {exc}") from exc
     if config.storage_sync not in ("normal", "full"):
         raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
+    if config.state and not is_postgres_url(config.state):
+        raise ValueError(f"--state / PIPEMON_STATE: expected a postgresql:// URL, got {config.state!r}"
+                         " (for SQLite use --state-dir)")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError(f"--log-level / PIPEMON_LOG_LEVEL: expected debug, info, warning or error, got"
                          f" {config.log_level!r}")

@@ -15,7 +15,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
-from pipemon.state import DURATION_BUCKETS, SUCCESS_WINDOWS, Pipelines, PipelineState
+from pipemon.state import DURATION_BUCKETS, SUCCESS_WINDOWS, PipelineState
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -217,20 +217,31 @@ class MetricsRenderer:
     never stalls ingest for long.
     """
 
-    def __init__(self, pipelines: Callable[[], Pipelines], own_registry: CollectorRegistry) -> None:
+    def __init__(self, pipelines: Callable[[], Iterable[PipelineState]], own_registry: CollectorRegistry | None,
+                 threads: ThreadPoolExecutor | None = None) -> None:
+        """`own_registry` None: no exporter metrics (the shards but the first); `threads`: share another
+        renderer's thread (closing is then that renderer's business)."""
         self._pipelines = pipelines
         self._own_registry = own_registry
         self._cache: dict[str, tuple[PipelineState, int, tuple[bytes, ...]]] = {}
         self._segments: list[_Segment] = []
-        self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipemon-render",
-                                           initializer=_lower_priority)
+        self._owns_threads = threads is None
+        self._threads = threads or ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipemon-render",
+                                                      initializer=_lower_priority)
         self._deflated_headers = {openmetrics: [deflate_piece(f.header(openmetrics)) for f in FAMILIES]
                                   for openmetrics in (False, True)}
 
+    @property
+    def threads(self) -> ThreadPoolExecutor:
+        return self._threads
+
     def close(self) -> None:
-        self._threads.shutdown(wait=True)
+        if self._owns_threads:
+            self._threads.shutdown(wait=True)
 
     def _own(self, openmetrics: bool) -> bytes:
+        if self._own_registry is None:
+            return b"# EOF\n" if openmetrics else b""
         if openmetrics:
             return om_exposition.generate_latest(self._own_registry)  # already ends with "# EOF"
         return text_exposition.generate_latest(self._own_registry)

@@ -14,21 +14,22 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import msgspec
 
-from pipemon.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Record
+from pipemon.backends import Loaded, LogGap, Row, StateBackend, StorageError
+from pipemon.backends.sqlite import state_path
+from pipemon.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Forget, Record
 from pipemon.registry import PipelineSpec, Registry
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.state import Pipelines, PipelineState, Snapshot
-from pipemon.storage import Storage, StorageError
 
 log = logging.getLogger("pipemon.recorder")
 SNAPSHOT_DECODER = msgspec.msgpack.Decoder(Snapshot)
 CHECKPOINT_CHUNK = 200  # snapshots encoded between two yields to the event loop
 CHECKPOINT_WRITE_CHUNK = 500  # snapshots per transaction: log appends wait for one chunk at most
 GROUP_DECODER = msgspec.msgpack.Decoder(list[Record])
+FOLLOW_POLL_SECONDS = 2.0  # a replica catches up at least this often, notifications or not
 
 
 def decode_log_row(blob: bytes) -> list[Record]:
@@ -59,7 +60,7 @@ class _Submission:
 @dataclasses.dataclass
 class _Checkpoint:
     upto: int  # the log up to here is held by snapshots (this one's or earlier ones)
-    snapshots: list[tuple[str, bytes]]
+    snapshots: list[tuple[str, int, bytes]]  # (pipeline, the log position it holds, snapshot)
     dirty: set[str]
     forgotten: set[str]
 
@@ -67,7 +68,7 @@ class _Checkpoint:
 
 
 class Recorder:
-    def __init__(self, registry: Registry, storage: Storage, metrics: ExporterMetrics,
+    def __init__(self, registry: Registry, storage: StateBackend, metrics: ExporterMetrics,
                  settings: RecorderSettings = RecorderSettings(), clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
         self.storage = storage
@@ -85,37 +86,47 @@ class Recorder:
         self._tasks: list[asyncio.Task[None]] = []
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        # Applying is serialised: the writer's own groups and other writers' rows go in log order.
+        self._apply_lock = asyncio.Lock()
+        self._follow = asyncio.Event()
+        self._truncate_next = 0  # shared log: truncated one checkpoint late, so slow replicas need no reload
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        snapshots, records = await self._in_thread(self.storage.open)
-        self._restore(snapshots, records)
+        loaded = await self._in_thread(self.storage.open)
+        self._restore(loaded)
         self._add_registered()
         self._tasks = [asyncio.create_task(self._write_loop(), name="pipemon-writer"),
                        asyncio.create_task(self._sweep_loop(), name="pipemon-sweeper")]
+        if self.storage.shared:
+            loop = asyncio.get_running_loop()
+            self.storage.watch(lambda seq: loop.call_soon_threadsafe(self._notified, seq))
+            self._tasks.append(asyncio.create_task(self._follow_loop(), name="pipemon-follower"))
         log.info("state loaded: %d pipelines (%d snapshots, %d log records replayed)",
-                 len(self.pipelines), len(snapshots), len(records))
+                 len(self.pipelines), len(loaded.snapshots), len(loaded.records))
 
     async def close(self) -> None:
         """Finish every queued write, checkpoint and close. The writer is stopped by a flag, never
         cancelled, so a group that is committed is always applied before the checkpoint empties the log."""
-        writer, sweeper = self._tasks
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        writer, sweeper, *follower = self._tasks
+        for task in (sweeper, *follower):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._stopping = True
         self._wake.set()
         await writer
         if self._checkpoint_task is not None:
             await self._checkpoint_task
-        await self._checkpoint()  # a failure is logged; the log still holds every acknowledged record
+        if await self._in_thread(self.storage.try_lead):
+            await self._checkpoint()  # a failure is logged; the log still holds every acknowledged record
         await self._in_thread(self.storage.close)
         self._thread.shutdown(wait=True)
 
-    def _restore(self, snapshots: list[tuple[str, bytes]], records: list[tuple[int, bytes]]) -> None:
+    def _restore(self, loaded: Loaded) -> None:
         covers: dict[str, int] = {}  # pipeline -> the last log sequence its snapshot holds
-        for name, blob in snapshots:
+        for name, blob in loaded.snapshots:
             try:
                 snap = SNAPSHOT_DECODER.decode(blob)
             except msgspec.DecodeError as exc:
@@ -126,7 +137,7 @@ class Recorder:
             state.team = state.spec.team  # the registry may have moved the pipeline meanwhile
             self.pipelines.by_name[name] = state
             covers[name] = snap.covers_seq
-        for seq, blob in records:
+        for seq, blob in loaded.records:
             try:
                 rows = decode_log_row(blob)
             except msgspec.DecodeError as exc:
@@ -134,10 +145,21 @@ class Recorder:
                 continue
             for record in rows:
                 if covers.get(record.pipeline, 0) < seq:  # else its snapshot holds it already
-                    self.pipelines.apply(record, self.spec_for)
-        self._applied_seq = max([seq for seq, _ in records] + list(covers.values()) + [0])
+                    self._apply(record)
+        self._applied_seq = max([seq for seq, _ in loaded.records] + list(covers.values()) + [loaded.floor])
         self.pipelines.dirty.clear()
         self.pipelines.dirty.update(self.pipelines.by_name)  # the next checkpoint folds the replayed log
+
+    async def _reload(self) -> None:
+        """Start over from the checkpoints: the log was truncated past what this replica applied (it stalled
+        for longer than a checkpoint interval). The whole state is swapped with no await in between."""
+        loaded = await self._in_thread(self.storage.open)
+        log.warning("the log moved past this replica's position %d: state reloaded from the checkpoints",
+                    self._applied_seq)
+        self.pipelines.by_name.clear()
+        self.pipelines.forgotten.clear()
+        self._restore(loaded)
+        self._add_registered()
 
     def _add_registered(self) -> None:
         for spec in self.registry.registered_specs():
@@ -197,26 +219,110 @@ class Recorder:
         # The whole group is one row of the log (a msgpack array of records): one insert per commit.
         records = [r for sub in group for r in sub.records]
         blob = RECORD_ENCODER.encode(records)
-        started = time.perf_counter()
-        try:
-            seq = await self._in_thread(self.storage.append, blob)
-        except StorageError as exc:
-            self.metrics.storage_errors.inc()
-            log.error("could not store %d records: %s", len(records), exc)
+        async with self._apply_lock:
+            started = time.perf_counter()
+            try:
+                seq, earlier = await self._append(blob)
+            except StorageError as exc:
+                self.metrics.storage_errors.inc()
+                log.error("could not store %d records: %s", len(records), exc)
+                for sub in group:
+                    if not sub.done.done():
+                        sub.done.set_exception(StorageError(str(exc)))
+                return
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._since_checkpoint += len(records)
+            self._apply_rows(earlier)  # other replicas' rows that committed before this group
+            self._applied_seq = seq  # applied right below, with no await in between
+            reverted = self.pipelines.reverted
             for sub in group:
+                outcomes = [self._apply(r) for r in sub.records]
                 if not sub.done.done():
-                    sub.done.set_exception(StorageError(str(exc)))
-            return
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._since_checkpoint += len(records)
-        self._applied_seq = seq  # applied right below, with no await in between
+                    sub.done.set_result(outcomes)
+            self._count_reverted(reverted)
+
+    async def _append(self, blob: bytes) -> tuple[int, list[Row]]:
+        try:
+            return await self._in_thread(self.storage.append, blob, self._applied_seq)
+        except LogGap:  # nothing was written: reload from the checkpoints and try once more
+            await self._reload()
+            return await self._in_thread(self.storage.append, blob, self._applied_seq)
+
+    def _apply(self, record: Record) -> str:
+        outcome = self.pipelines.apply(record, self.spec_for)
+        if isinstance(record, Forget) and outcome == "accepted":
+            spec = self.registry.lookup(record.pipeline)
+            if spec is not None and spec.registered:
+                self.pipelines.ensure(spec)  # a registered pipeline starts again from zero, on every replica
+        return outcome
+
+    def _apply_rows(self, rows: list[Row]) -> None:
+        """Apply committed log rows (of other writers) in order; never one at or below `_applied_seq`."""
         reverted = self.pipelines.reverted
-        for sub in group:
-            outcomes = [self.pipelines.apply(r, self.spec_for) for r in sub.records]
-            if not sub.done.done():
-                sub.done.set_result(outcomes)
-        if self.pipelines.reverted != reverted:
-            self.metrics.abandonment_reverted.inc(self.pipelines.reverted - reverted)
+        for seq, blob in rows:
+            if seq <= self._applied_seq:
+                continue
+            try:
+                records = decode_log_row(blob)
+            except msgspec.DecodeError as exc:
+                log.error("skipping an unreadable record of the log at %d (%s)", seq, exc)
+                records = []
+            for record in records:
+                self._apply(record)
+            self._applied_seq = seq
+            self._since_checkpoint += len(records)
+        self._count_reverted(reverted)
+
+    def _count_reverted(self, before: int) -> None:
+        if self.pipelines.reverted != before:
+            self.metrics.abandonment_reverted.inc(self.pipelines.reverted - before)
+
+    # ---- following the shared log ------------------------------------------------------------------
+
+    @property
+    def applied_seq(self) -> int:
+        """The log position the state holds."""
+        return self._applied_seq
+
+    async def catch_up(self) -> bool:
+        """Apply everything committed to the log up to now (other replicas' rows); False when the database
+        cannot be read, and the state stays what it was. A no-op for an unshared backend."""
+        if not self.storage.shared:
+            return True
+        async with self._apply_lock:
+            for attempt in (1, 2):  # a second try on a fresh connection: the first may have been cut
+                try:
+                    try:
+                        rows = await self._in_thread(self.storage.read_since, self._applied_seq)
+                    except LogGap:
+                        await self._reload()
+                        rows = await self._in_thread(self.storage.read_since, self._applied_seq)
+                except StorageError as exc:
+                    if attempt == 2:
+                        log.warning("cannot catch up with the log, serving the state at position %d: %s",
+                                    self._applied_seq, exc)
+                        return False
+                    continue
+                self._apply_rows(rows)
+                return True
+        return False
+
+    def _notified(self, seq: int) -> None:
+        if seq == 0 or seq > self._applied_seq:
+            self._follow.set()
+
+    async def _follow_loop(self) -> None:
+        """Catch up as soon as another replica commits (NOTIFY), and every few seconds in case a notification
+        was lost while the listening connection was down."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._follow.wait(), FOLLOW_POLL_SECONDS)
+            self._follow.clear()
+            try:
+                await self.catch_up()
+            except Exception:  # a bug must not stop following
+                log.exception("unexpected error while catching up with the log")
+                await asyncio.sleep(FOLLOW_POLL_SECONDS)
 
     async def _maybe_checkpoint(self) -> None:
         if self._checkpoint_task is not None and not self._checkpoint_task.done():
@@ -227,7 +333,13 @@ class Recorder:
             # In the background: groups keep committing while it is encoded and between its transactions.
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
-            self._checkpoint_task = asyncio.create_task(self._checkpoint())
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_if_leading())
+
+    async def _checkpoint_if_leading(self) -> None:
+        """Checkpoints run on one replica: the others keep their changed sets (a superset of what the leader
+        folds), so whichever takes over later checkpoints everything it must."""
+        if await self._in_thread(self.storage.try_lead):
+            await self._checkpoint()
 
     async def _checkpoint(self) -> None:
         await self._write_checkpoint(await self._take_checkpoint())
@@ -244,18 +356,24 @@ class Recorder:
         for count, name in enumerate(dirty, 1):
             state = pipelines.by_name.get(name)
             if state is not None:
-                snapshots.append((name, msgspec.msgpack.encode(state.snapshot(self._applied_seq))))
+                covers = self._applied_seq
+                snapshots.append((name, covers, msgspec.msgpack.encode(state.snapshot(covers))))
             if count % CHECKPOINT_CHUNK == 0:
                 await asyncio.sleep(0)  # thousands of snapshots must not stall the event loop in one go
         return _Checkpoint(upto, snapshots, dirty, forgotten)
 
     async def _write_checkpoint(self, checkpoint: _Checkpoint) -> None:
         try:
-            await self._in_thread(self.storage.delete_pipelines, sorted(checkpoint.forgotten))
+            await self._in_thread(self.storage.delete_pipelines, sorted(checkpoint.forgotten), checkpoint.upto)
             for start in range(0, len(checkpoint.snapshots), CHECKPOINT_WRITE_CHUNK):
                 chunk = checkpoint.snapshots[start:start + CHECKPOINT_WRITE_CHUNK]
                 await self._in_thread(self.storage.write_snapshots, chunk)
-            await self._in_thread(self.storage.truncate_log, checkpoint.upto)
+            # A shared log is truncated one checkpoint late: a replica a little behind still finds its
+            # next rows there instead of reloading everything.
+            upto = self._truncate_next if self.storage.shared else checkpoint.upto
+            self._truncate_next = checkpoint.upto
+            if upto:
+                await self._in_thread(self.storage.truncate_log, upto)
         except StorageError as exc:
             self.metrics.storage_errors.inc()
             log.error("checkpoint failed, the next one retries (the log keeps every record): %s", exc)
@@ -267,6 +385,8 @@ class Recorder:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
+            if not await self._in_thread(self.storage.try_lead):
+                continue  # another replica sweeps; its abandonments reach this one through the log
             abandoned = self.find_abandoned(self.clock())
             if not abandoned:
                 continue
@@ -290,5 +410,4 @@ class Recorder:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
 
-def state_path(state_dir: Path) -> Path:
-    return state_dir / "pipemon.sqlite3"
+__all__ = ["Recorder", "RecorderSettings", "state_path"]

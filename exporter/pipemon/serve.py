@@ -12,6 +12,7 @@ from aiohttp import web
 
 from pipemon.app import EXPORTER_KEY, create_app
 from pipemon.auth import TokensError, load_tokens
+from pipemon.backends import StorageError
 from pipemon.config import ServeConfig, add_serve_arguments, config_from_args
 from pipemon.registry import RegistryError
 from pipemon.webconfig import WebConfigError, load_web_config
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(config)
-    except (RegistryError, TokensError, WebConfigError) as exc:
+    except (RegistryError, TokensError, WebConfigError, StorageError) as exc:
         log.error("%s", exc)
         return 1
 
@@ -70,7 +71,7 @@ def serve(config: ServeConfig) -> int:
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
         log.info("pipemon listening on %s://%s:%d (state in %s)", "https" if ssl_context else "http", config.host,
-                 config.port, config.state_dir)
+                 config.port, app[EXPORTER_KEY].recorder.storage.describe())
 
     app.on_startup.append(on_startup)
     web.run_app(app, host=config.host, port=config.port, print=None,

@@ -4,6 +4,11 @@ Starts a notification sink, the exporter, two clustered Alertmanagers (with the 
 the registry, every receiver pointed at the sink) and Prometheus (scraping the exporter, loading the rules
 rendered from rules/config.yaml, sending to both Alertmanagers). State and logs go to one directory.
 Ctrl-C (or SIGTERM) stops every child; children also get SIGTERM if this process dies.
+
+`--ha` runs the high-availability set-up instead (docs/scaling.md): a local PostgreSQL, two exporter replicas
+over it behind one address (pipemon.balancer, what a load balancer does in production), and two Prometheus
+servers with the same rules and `external_labels` replica a/b, both sending to the Alertmanager cluster with
+the replica label dropped from their alerts, so each alert is notified once.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import yaml
 
-from pipemon import alertmanager_render, demo, rules_render
+from pipemon import alertmanager_render, demo, pglocal, rules_render
 from pipemon.durations import format_duration, parse_duration
 from pipemon.registry import RegistryError, load_registry
 
@@ -42,6 +48,15 @@ class StackPorts:
     sink: int = 9099
 
 
+@dataclass(frozen=True)
+class HAPorts:
+    """The extra ports of `--ha`; the balancer listens on StackPorts.exporter."""
+
+    replicas: tuple[int, int] = (9474, 9475)
+    prometheus_b: int = 9092
+    postgres: int = 5439
+
+
 @dataclass
 class Stack:
     """The child processes of a running stack, stopped in reverse order of start."""
@@ -49,10 +64,12 @@ class Stack:
     directory: Path
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    def start(self, name: str, cmd: list[str], ready_url: str, quiet: bool = True, timeout: float = 30) -> None:
+    def start(self, name: str, cmd: list[str], ready_url: str | Callable[[], bool], quiet: bool = True,
+              timeout: float = 30, **popen: Any) -> None:
+        """Start a child and wait until `ready_url` answers 200 (or the callable says it is ready)."""
         with open(self.directory / f"{name}.log", "ab") as log:  # the child keeps its own copy
             proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=log, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent, cwd=self.directory)
+                                    preexec_fn=_die_with_parent, cwd=self.directory, **popen)
         self.processes.append((name, proc))
         _wait_ready(name, ready_url, proc, self.directory / f"{name}.log", timeout)
 
@@ -78,15 +95,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _wait_ready(name: str, url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_ready(name: str, url: str | Callable[[], bool], proc: subprocess.Popen, log: Path,
+                timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; its log ({log}) ends:\n"
                                + log.read_text(errors="replace")[-2000:])
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-            if resp.status == 200:
+        if callable(url):
+            if url():
                 return
+        else:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
         time.sleep(0.1)
     raise RuntimeError(f"{name} did not become ready at {url} within {timeout:.0f}s (log: {log})")
 
@@ -108,17 +130,25 @@ def write_rules(config_path: Path, out_dir: Path, evaluation_interval: str, max_
         (out_dir / name).write_text(text)
 
 
-def prometheus_config(ports: StackPorts, rules_dir: Path, scrape_interval: str, evaluation_interval: str) -> dict:
-    config = {
+def prometheus_config(ports: StackPorts, rules_dir: Path, scrape_interval: str, evaluation_interval: str,
+                      replica: str | None = None, own_port: int | None = None) -> dict:
+    """One Prometheus; with `replica` (a, b) one of an HA pair: its external label tells the pair apart in
+    remote storage, and is dropped from the alerts so the Alertmanager cluster sees one alert, not two."""
+    own = own_port or ports.prometheus
+    config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
         "rule_files": [str(rules_dir / "*.yml")],
         "scrape_configs": [
             {"job_name": "pipemon", "static_configs": [{"targets": [f"127.0.0.1:{ports.exporter}"]}]},
-            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{ports.prometheus}"]}]},
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{own}"]}]},
         ],
     }
+    if replica is not None:
+        config["global"]["external_labels"] = {"replica": replica}
     config.update(alertmanager_render.prometheus_alerting_config(
         [f"127.0.0.1:{port}" for port in ports.alertmanagers]))
+    if replica is not None:
+        config["alerting"]["alert_relabel_configs"] = [{"action": "labeldrop", "regex": "replica"}]
     return config
 
 
@@ -138,15 +168,19 @@ def write_alertmanager_config(registry_path: Path, directory: Path, sink_url: st
 # ---- running ------------------------------------------------------------------------------------------
 
 
-def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, registry: Path) -> None:
+def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, registry: Path,
+                ha: HAPorts | None = None) -> None:
     d = stack.directory
     py = sys.executable
     sink_url = f"http://127.0.0.1:{ports.sink}/alertmanager"
     stack.start("sink", [py, "-u", "-m", "pipemon.sink", "--listen", f"127.0.0.1:{ports.sink}"],
                 f"http://127.0.0.1:{ports.sink}/notifications", quiet=False)
-    stack.start("exporter", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{ports.exporter}",
-                             "--registry", str(registry), "--state-dir", str(d / "exporter")],
-                f"http://127.0.0.1:{ports.exporter}/-/ready")
+    if ha is None:
+        stack.start("exporter", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{ports.exporter}",
+                                 "--registry", str(registry), "--state-dir", str(d / "exporter")],
+                    f"http://127.0.0.1:{ports.exporter}/-/ready")
+    else:
+        start_replicas(stack, ports, ha, registry)
     am_config = write_alertmanager_config(registry, d, sink_url, args)
     for i, (web, cluster) in enumerate(zip(ports.alertmanagers, ports.cluster, strict=True)):
         peer = ports.cluster[1 - i]
@@ -155,19 +189,55 @@ def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, regis
             f"127.0.0.1:{cluster}", [f"127.0.0.1:{peer}"])
         stack.start(f"alertmanager-{i + 1}", cmd, f"http://127.0.0.1:{web}/-/ready")
     write_rules(args.rules_config, d / "rules", args.evaluation_interval, args.max_for)
-    prom_config = d / "prometheus.yml"
-    prom_config.write_text(yaml.safe_dump(prometheus_config(ports, d / "rules", args.scrape_interval,
-                                                            args.evaluation_interval), sort_keys=False))
-    stack.start("prometheus", [PROMETHEUS, f"--config.file={prom_config}", f"--storage.tsdb.path={d / 'prometheus'}",
-                               f"--web.listen-address=127.0.0.1:{ports.prometheus}"],
-                f"http://127.0.0.1:{ports.prometheus}/-/ready")
+    pair = [(None, "prometheus", ports.prometheus)] if ha is None else [
+        ("a", "prometheus-a", ports.prometheus), ("b", "prometheus-b", ha.prometheus_b)]
+    for replica, name, port in pair:
+        start_prometheus(stack, args, ports, name, port, replica)
 
 
-def banner(ports: StackPorts, directory: Path, with_demo: bool) -> str:
+def start_prometheus(stack: Stack, args: argparse.Namespace, ports: StackPorts, name: str, port: int,
+                     replica: str | None) -> None:
+    d = stack.directory
+    config_file = d / f"{name}.yml"
+    config_file.write_text(yaml.safe_dump(prometheus_config(ports, d / "rules", args.scrape_interval,
+                                                            args.evaluation_interval, replica, port),
+                                          sort_keys=False))
+    stack.start(name, [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={d / name}",
+                       f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}/-/ready")
+
+
+def start_replicas(stack: Stack, ports: StackPorts, ha: HAPorts, registry: Path) -> None:
+    """PostgreSQL, two exporter replicas over it, and the balancer in front of them on the exporter port."""
+    py = sys.executable
+    data = pglocal.prepare(stack.directory / "postgres")
+    stack.start("postgres", pglocal.command(data, ha.postgres), lambda: pglocal.ready(ha.postgres),
+                **pglocal.run_as())
+    pglocal.create_database(ha.postgres)
+    for i, port in enumerate(ha.replicas):
+        stack.start(f"exporter-{i + 1}", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                                          "--registry", str(registry), "--state", pglocal.url(ha.postgres)],
+                    f"http://127.0.0.1:{port}/-/ready")
+    upstreams = [arg for port in ha.replicas for arg in ("--upstream", f"http://127.0.0.1:{port}")]
+    stack.start("balancer", [py, "-m", "pipemon.balancer", "--listen", f"127.0.0.1:{ports.exporter}", *upstreams],
+                f"http://127.0.0.1:{ports.exporter}/-/ready")
+
+
+def banner(ports: StackPorts, directory: Path, with_demo: bool, ha: HAPorts | None = None) -> str:
     lines = [
         "pipemon stack is up (Ctrl-C stops everything):",
         f"  exporter      http://127.0.0.1:{ports.exporter}/  (metrics: /metrics, pipelines: /api/v1/pipelines)",
         f"  prometheus    http://127.0.0.1:{ports.prometheus}/alerts",
+    ]
+    if ha is not None:
+        lines = [
+            *lines[:2],
+            f"                (a balancer in front of the replicas http://127.0.0.1:{ha.replicas[0]}/ and"
+            f" http://127.0.0.1:{ha.replicas[1]}/)",
+            f"  prometheus    http://127.0.0.1:{ports.prometheus}/alerts  and  http://127.0.0.1:{ha.prometheus_b}/alerts"
+            " (replica a, b)",
+            f"  postgresql    {pglocal.url(ha.postgres)}",
+        ]
+    lines += [
         f"  alertmanager  http://127.0.0.1:{ports.alertmanagers[0]}/  and  http://127.0.0.1:{ports.alertmanagers[1]}/",
         f"  sink          every notification is printed below (also: http://127.0.0.1:{ports.sink}/notifications)",
         f"  state & logs  {directory}/",
@@ -206,6 +276,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-wait", default="5s")
     parser.add_argument("--group-interval", default="30s")
     parser.add_argument("--repeat-interval", default="1h")
+    parser.add_argument("--ha", action="store_true",
+                        help="PostgreSQL, two exporter replicas behind one address, a Prometheus HA pair")
+    parser.add_argument("--ha-ports", default="9474,9475,9092,5439",
+                        help="with --ha: replica1,replica2,prometheus-b,postgresql (the balancer takes the"
+                             " exporter port, prometheus-a the prometheus port)")
 
 
 def parse_ports(text: str) -> StackPorts:
@@ -216,10 +291,22 @@ def parse_ports(text: str) -> StackPorts:
     return StackPorts(e, p, (a1, a2), (c1, c2), s)
 
 
+def parse_ha_ports(text: str) -> HAPorts:
+    values = [int(p) for p in text.split(",")]
+    if len(values) != 4:
+        raise ValueError("--ha-ports takes four ports: replica1,replica2,prometheus-b,postgresql")
+    r1, r2, prom, pg = values
+    return HAPorts((r1, r2), prom, pg)
+
+
 def run(args: argparse.Namespace) -> int:
     missing = [b for b in (PROMETHEUS, ALERTMANAGER) if not Path(b).exists()]
     if missing:
         print(f"error: {', '.join(missing)} not found. Install Debian's packages:\n  {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    ha = parse_ha_ports(args.ha_ports) if args.ha else None
+    if ha is not None and not pglocal.installed():
+        print(f"error: --ha needs PostgreSQL 15 ({pglocal.BIN}):\n  {pglocal.INSTALL_HINT}", file=sys.stderr)
         return 1
     for path in (args.rules_config, args.templates):
         if not path.exists():
@@ -237,12 +324,12 @@ def run(args: argparse.Namespace) -> int:
     stack = Stack(directory)
     with _stop_on_signals():
         try:
-            start_stack(args, ports, stack, registry)
+            start_stack(args, ports, stack, registry, ha)
             if args.demo:
                 stack.start("demo", [sys.executable, "-m", "pipemon.demo", "--url",
                                      f"http://127.0.0.1:{ports.exporter}"],
                             f"http://127.0.0.1:{ports.exporter}/-/ready")
-            print(banner(ports, directory, args.demo), flush=True)
+            print(banner(ports, directory, args.demo, ha), flush=True)
             while (gone := stack.exited()) is None:
                 time.sleep(0.5)
             print(f"error: {gone} exited; see {directory / (gone + '.log')}. Stopping.", file=sys.stderr)

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", type=_records, help="records processed (else read from $PIPEMON_RECORDS_FILE)")
     parser.add_argument("--team", help="owning team, for a pipeline the registry does not list")
     parser.add_argument("--run-id", help="run id (default: $PIPEMON_RUN_ID, else a random one)")
-    parser.add_argument("--url", help="exporter URL (default: $PIPEMON_URL, else http://127.0.0.1:9464)")
+    parser.add_argument("--url", action="append",
+                        help="exporter URL; repeat it (or separate by commas) for replicas to fail over between"
+                             " (default: $PIPEMON_URL, else http://127.0.0.1:9464)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
 
 
