@@ -51,7 +51,7 @@ class Exporter:
         self.tokens: Tokens | None = None
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
-                                    history_size=config.history_size,
+                                    history_size=config.history_size, recent_runs=config.recent_runs,
                                     abandon_after_factor=config.abandon_after_factor,
                                     sweep_interval=config.sweep_interval)
         storage = Storage(state_path(config.state_dir), config.storage_sync)
@@ -246,6 +246,19 @@ async def get_pipeline(request: web.Request) -> web.Response:
     return json_response(detail)
 
 
+async def get_pipeline_runs(request: web.Request) -> web.Response:
+    """The recent-runs ring of a pipeline, latest first (`?limit=N` for fewer)."""
+    state = _exporter(request).recorder.pipelines.get(request.match_info["name"])
+    if state is None:
+        return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
+    raw = request.query.get("limit", "")
+    if raw and not (raw.isdigit() and 0 < int(raw) <= 100_000):
+        return error_response(Rejection(400, "invalid_limit", "limit must be a whole number from 1", "limit"))
+    runs = state.recent.latest_first(int(raw) if raw else None)
+    return json_response({"pipeline": state.name, "team": state.team, "capacity": state.recent.capacity,
+                          "runs": [run.as_json() for run in runs]})
+
+
 def _finite(value: float) -> float | None:
     return None if value != value or value in (math.inf, -math.inf) else value
 
@@ -329,6 +342,7 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
     app.router.add_post("/api/v1/lineage", post_lineage)
     app.router.add_get("/api/v1/pipelines", get_pipelines)
     app.router.add_get("/api/v1/pipelines/{name}", get_pipeline)
+    app.router.add_get("/api/v1/pipelines/{name}/runs", get_pipeline_runs)
     app.router.add_delete("/api/v1/pipelines/{name}", delete_pipeline)
     app.router.add_get("/api/v1/openapi.json", get_openapi)
 

@@ -28,6 +28,7 @@ class ServeConfig:
     baseline_size: int = 30
     history_size: int = 336
     dedup_window: int = 1000
+    recent_runs: int = 50
     abandon_after_factor: float = 3.0
     sweep_interval: float = 30.0
     lineage_pipeline_name: str = "{name}"
@@ -54,6 +55,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "successful runs kept per pipeline to learn baselines and seasonality from"),
     ("--dedup-window", "PIPEMON_DEDUP_WINDOW", "dedup_window", int,
      "run ids remembered per pipeline to recognise retries"),
+    ("--recent-runs", "PIPEMON_RECENT_RUNS", "recent_runs", int,
+     "runs of any outcome kept per pipeline for the web UI and GET /api/v1/pipelines/NAME/runs"),
     ("--abandon-after-factor", "PIPEMON_ABANDON_AFTER_FACTOR", "abandon_after_factor", float,
      "a run in progress for this many max runtimes is abandoned and counted as failed"),
     ("--sweep-interval", "PIPEMON_SWEEP_INTERVAL", "sweep_interval", float,
@@ -101,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         check_name_template(config.lineage_pipeline_name)
     except ValueError as exc:
         raise ValueError(f"--lineage-pipeline-name / PIPEMON_LINEAGE_PIPELINE_NAME: {exc}") from exc
+    if not 0 <= config.recent_runs <= 10_000:
+        raise ValueError(f"--recent-runs / PIPEMON_RECENT_RUNS: expected 0 to 10000, got {config.recent_runs}")
     if config.storage_sync not in ("normal", "full"):
         raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

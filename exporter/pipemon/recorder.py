@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from pipemon.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Record
+from pipemon.recent import RECENT_RUNS
 from pipemon.registry import PipelineSpec, Registry
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.state import Pipelines, PipelineState, Snapshot
@@ -44,6 +45,7 @@ class RecorderSettings:
     baseline_size: int = 30
     history_size: int = 336
     dedup_window: int = 1000
+    recent_runs: int = RECENT_RUNS  # runs of any outcome kept per pipeline for the web UI
     checkpoint_interval: float = 10.0  # seconds between checkpoints while records arrive
     checkpoint_records: int = 500_000  # or after this many records, whichever comes first (bounds the replay)
     sweep_interval: float = 30.0  # how often to look for abandoned runs
@@ -74,7 +76,8 @@ class Recorder:
         self.metrics = metrics
         self.settings = settings
         self.clock = clock
-        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size)
+        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size,
+                                   settings.recent_runs)
         # Submissions wait in a plain list; the writer takes all of them at once (a group commit).
         self._pending: list[_Submission] = []
         self._wake = asyncio.Event()
@@ -122,7 +125,7 @@ class Recorder:
                 log.error("checkpoint of pipeline %r is unreadable (%s): it starts from zero", name, exc)
                 continue
             state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size,
-                                          self.settings.history_size)
+                                          self.settings.history_size, self.settings.recent_runs)
             state.team = state.spec.team  # the registry may have moved the pipeline meanwhile
             self.pipelines.by_name[name] = state
             covers[name] = snap.covers_seq
