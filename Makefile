@@ -4,7 +4,7 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 BIN         := $(VENV)/bin
-APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk
+APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk chromium chromium-driver
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages run serve test test-quick lint bench render clean

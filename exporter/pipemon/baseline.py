@@ -126,6 +126,16 @@ def judge(values: Sequence[float], value: float, to_log: Callable[[float], float
     """Judge `value` against baseline `values` (raw, NaN-free) in log space."""
     if not values or math.isnan(value):
         return NO_JUDGEMENT
+    center, sigma = center_and_sigma(values, to_log, from_log, absolute_floor)
+    expected = from_log(center)
+    zscore = (to_log(value) - center) / sigma
+    ratio = value / expected if expected > 0 else (1.0 if value == 0 else math.inf)
+    return Judgement(zscore, ratio, expected, len(values))
+
+
+def center_and_sigma(values: Sequence[float], to_log: Callable[[float], float], from_log: Callable[[float], float],
+                     absolute_floor: float = 0.0) -> tuple[float, float]:
+    """The log-space median of baseline `values` and the σ a z-score divides by (MAD, floored)."""
     logs = [to_log(v) for v in values]
     center = median(logs)
     spread = MAD_TO_SIGMA * median(abs(x - center) for x in logs)
@@ -133,9 +143,7 @@ def judge(values: Sequence[float], value: float, to_log: Callable[[float], float
     floor = math.log1p(MIN_RELATIVE_SPREAD)
     if absolute_floor and expected > 0:
         floor = max(floor, math.log1p(absolute_floor / expected))
-    zscore = (to_log(value) - center) / max(spread, floor)
-    ratio = value / expected if expected > 0 else (1.0 if value == 0 else math.inf)
-    return Judgement(zscore, ratio, expected, len(values))
+    return center, max(spread, floor)
 
 
 def choose_profile(timestamps: Sequence[float], values: Sequence[float],

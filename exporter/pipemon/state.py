@@ -173,6 +173,16 @@ class PipelineState:
         pad = [NO_JUDGEMENT] * (JUDGED_RUNS - len(duration))
         return RecentJudgements(tuple(duration + pad), tuple(volume + pad), d_profile, r_profile)
 
+    def latest_baseline(self, column: str) -> list[float]:
+        """The runs ("duration" or "records") the latest successful run was judged against, as judged."""
+        history = self.history
+        if not len(history):
+            return []
+        to_log = log_duration if column == "duration" else log_records
+        timestamps, values = history.ordered("ts"), history.ordered(column)
+        return baseline_of(timestamps, values, len(timestamps) - 1, self.baseline_size,
+                           history.profile(column, to_log))
+
     def success_ratio(self, window: int) -> float:
         """The share of successes among the latest `window` runs (fewer if fewer ran); NaN if none."""
         runs = min(window, self.outcome_count)

@@ -1,0 +1,48 @@
+// pipemon UI: times in the browser's zone, filters that apply on change, and a refresh that keeps the URL
+// (so the filters) and the focus. Without JavaScript every page still works: times read in UTC.
+"use strict";
+(function () {
+  const fmt = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+  const rel = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+  function relative(seconds) {
+    const units = [["year", 31536000], ["month", 2592000], ["day", 86400], ["hour", 3600], ["minute", 60]];
+    for (const [unit, size] of units) {
+      if (Math.abs(seconds) >= size) return rel.format(-Math.round(seconds / size), unit);
+    }
+    return rel.format(-Math.round(seconds), "second");
+  }
+  function localTimes(root) {
+    const now = Date.now() / 1000;
+    for (const el of root.querySelectorAll("time[data-ts]")) {
+      const ts = parseFloat(el.dataset.ts);
+      el.title = fmt.format(new Date(ts * 1000));
+      el.textContent = relative(now - ts);
+    }
+  }
+  function autoSubmit(root) {
+    for (const select of root.querySelectorAll("form.filters select")) {
+      select.addEventListener("change", () => select.form.submit());
+    }
+  }
+  async function refresh() {
+    const active = document.activeElement;
+    if (active && (active.tagName === "INPUT" || active.tagName === "SELECT")) return; // typing: not now
+    try {
+      const resp = await fetch(location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } });
+      if (!resp.ok || resp.redirected) return;
+      const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
+      const fresh = doc.getElementById("main");
+      if (!fresh) return;
+      document.getElementById("main").replaceWith(fresh);
+      localTimes(fresh);
+      autoSubmit(fresh);
+      document.body.dataset.refreshed = String(Date.now());
+    } catch (err) { /* offline for a moment: the next round tries again */ }
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    localTimes(document);
+    autoSubmit(document);
+    const every = parseInt(document.body.dataset.refresh || "0", 10);
+    if (every > 0) setInterval(refresh, every * 1000);
+  });
+})();
