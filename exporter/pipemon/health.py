@@ -19,7 +19,8 @@ from pipemon.state import PipelineState
 # Worst first: the order of the overview.
 FAILING, STUCK, STALE, THROUGHPUT_DROP, VOLUME_LOW, SLOW, NEVER_RAN, OK = (
     "failing", "stuck", "stale", "throughput_drop", "volume_low", "slow", "never_ran", "ok")
-STATES: tuple[str, ...] = (FAILING, STUCK, STALE, THROUGHPUT_DROP, VOLUME_LOW, SLOW, NEVER_RAN, OK)
+# A throughput drop comes after low volume and slow: either of those explains it, and is the more specific.
+STATES: tuple[str, ...] = (FAILING, STUCK, STALE, VOLUME_LOW, SLOW, THROUGHPUT_DROP, NEVER_RAN, OK)
 LABELS = {FAILING: "failing", STUCK: "stuck", STALE: "stale", THROUGHPUT_DROP: "throughput drop",
           VOLUME_LOW: "low volume", SLOW: "slow", NEVER_RAN: "never ran", OK: "ok"}
 RANK = {state: index for index, state in enumerate(STATES)}
