@@ -344,7 +344,6 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
     middlewares = [web_config.middleware()] if web_config is not None and web_config.users else []
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[EXPORTER_KEY] = exporter
-    install(app, _ui_of(exporter, config, tokens, clock, web_config))
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/-/healthy", get_healthy)
     app.router.add_get("/-/ready", get_healthy)
@@ -365,4 +364,5 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
         exporter.renderer.close()
 
     app.cleanup_ctx.append(lifecycle)
+    install(app, _ui_of(exporter, config, tokens, clock, web_config))  # after the lifecycle: warms up restored state
     return app

@@ -144,8 +144,12 @@ def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, regis
     sink_url = f"http://127.0.0.1:{ports.sink}/alertmanager"
     stack.start("sink", [py, "-u", "-m", "pipemon.sink", "--listen", f"127.0.0.1:{ports.sink}"],
                 f"http://127.0.0.1:{ports.sink}/notifications", quiet=False)
+    # the web UI shows the alerts of both Alertmanagers, judges by the stack's rules config, links to Prometheus
+    alertmanagers = [arg for web in ports.alertmanagers for arg in ("--alertmanager-url", f"http://127.0.0.1:{web}")]
     stack.start("exporter", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{ports.exporter}",
-                             "--registry", str(registry), "--state-dir", str(d / "exporter")],
+                             "--registry", str(registry), "--state-dir", str(d / "exporter"),
+                             "--rules-config", str(args.rules_config), *alertmanagers,
+                             "--prometheus-url", f"http://127.0.0.1:{ports.prometheus}"],
                 f"http://127.0.0.1:{ports.exporter}/-/ready")
     am_config = write_alertmanager_config(registry, d, sink_url, args)
     for i, (web, cluster) in enumerate(zip(ports.alertmanagers, ports.cluster, strict=True)):
@@ -166,7 +170,7 @@ def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, regis
 def banner(ports: StackPorts, directory: Path, with_demo: bool) -> str:
     lines = [
         "pipemon stack is up (Ctrl-C stops everything):",
-        f"  exporter      http://127.0.0.1:{ports.exporter}/  (metrics: /metrics, pipelines: /api/v1/pipelines)",
+        f"  exporter      http://127.0.0.1:{ports.exporter}/  (web UI; metrics: /metrics, API: /api/v1/pipelines)",
         f"  prometheus    http://127.0.0.1:{ports.prometheus}/alerts",
         f"  alertmanager  http://127.0.0.1:{ports.alertmanagers[0]}/  and  http://127.0.0.1:{ports.alertmanagers[1]}/",
         f"  sink          every notification is printed below (also: http://127.0.0.1:{ports.sink}/notifications)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +18,7 @@ from pipemon.web.alerts import AlertSource
 from pipemon.web.html import e, page
 
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
+WARM_CHUNK = 20  # pipelines judged between two yields to the event loop while warming up (~15 ms)
 
 
 @dataclass
@@ -43,6 +46,27 @@ def install(app: web.Application, ui: Ui) -> None:
     app.router.add_get("/login", get_login)
     app.router.add_post("/login", post_login)
     app.router.add_post("/logout", post_logout)
+    app.cleanup_ctx.append(_warm_up)
+
+
+async def _warm_up(app: web.Application):
+    """Judge every pipeline once in the background after start-up. Baselines are not persisted, and judging
+    a pipeline's history costs about a millisecond: without this the first overview after a restart would
+    pay it for every pipeline (seconds at 20,000). Later runs are judged incrementally, one at a time.
+    Installed after the recorder's lifecycle, so the state is restored by then."""
+    ui = app[UI_KEY]
+
+    async def warm() -> None:
+        for index, state in enumerate(list(ui.pipelines())):
+            ui.judge.judge(state, ui.clock())
+            if index % WARM_CHUNK == 0:
+                await asyncio.sleep(0)
+
+    task = asyncio.get_running_loop().create_task(warm())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _ui(request: web.Request) -> Ui:
