@@ -110,3 +110,17 @@ def test_a_ring_whose_lists_disagree_is_dropped_and_a_smaller_capacity_keeps_the
     (only,) = ring
     assert (only.run_id, only.status, only.started) == ("b", "failure", 5.0)
     assert Snapshot.__struct_fields__[-2:] == ("recent_ids", "recent_values")
+
+
+def test_a_restored_ring_shares_its_run_ids_with_the_restored_dedup_window():
+    pipelines = Pipelines(recent_runs=3)
+    spec = _spec()
+    from pipemon.events import Finish
+
+    for i in range(5):
+        pipelines.apply(Finish("p", f"run-{i}-" + "x" * 30, True, 100.0 + i, 1.0, 1), lambda *_: spec)
+    blob = msgspec.msgpack.encode(pipelines.get("p").snapshot())
+    restored = PipelineState.restore(SNAPSHOT_DECODER.decode(blob), spec, 30, recent_runs=3)
+    seen_keys = {id(key) for key in restored.seen}
+    assert [r.run_id for r in restored.recent] == [f"run-{i}-" + "x" * 30 for i in (2, 3, 4)]
+    assert all(id(run_id) in seen_keys for run_id in restored.recent.ids)

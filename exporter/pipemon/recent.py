@@ -93,8 +93,11 @@ class RecentRuns:
         return list(self.ids), self.values.tolist()
 
     @classmethod
-    def from_lists(cls, capacity: int, ids: list[str], values: list[float]) -> RecentRuns:
-        """Restore; a checkpoint whose lists disagree in length (never written so) is dropped, not trusted."""
+    def from_lists(cls, capacity: int, ids: list[str], values: list[float],
+                   seen: dict[str, int] | None = None) -> RecentRuns:
+        """Restore; a checkpoint whose lists disagree in length (never written so) is dropped, not trusted.
+        `seen`, the restored dedup window: the ring's run ids are among its latest keys, and sharing those
+        string objects instead of holding decoded copies saves more than half of the ring's memory."""
         ring = cls(capacity)
         if len(values) != FIELDS * len(ids):
             return ring
@@ -102,4 +105,11 @@ class RecentRuns:
         start = len(ids) - keep
         ring.values = array("d", values[start * FIELDS:])
         ring.ids = list(ids[start:])
+        if seen:
+            latest: dict[str, str] = {}
+            for run_id in reversed(seen):  # newest last in the window; the ring's ids are near the end
+                latest[run_id] = run_id
+                if len(latest) >= 2 * len(ring.ids):
+                    break
+            ring.ids = [latest.get(run_id, run_id) for run_id in ring.ids]
         return ring

@@ -257,7 +257,7 @@ class PipelineState:
             if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "recent_ids",
                             "recent_values"):
                 setattr(state, name, getattr(snap, name))
-        state.recent = RecentRuns.from_lists(recent_runs, snap.recent_ids, snap.recent_values)
+        state.recent = RecentRuns.from_lists(recent_runs, snap.recent_ids, snap.recent_values, state.seen)
         rows = snap.history or _rows_of_old_ring(snap)
         state.history = RunHistory.from_rows(history_size, rows)
         state.gaps.extend(snap.gaps)

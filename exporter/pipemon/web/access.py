@@ -18,7 +18,8 @@ from pipemon.auth import Principal, Tokens
 COOKIE = "pipemon_session"
 SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 10_000  # beyond this the oldest are dropped: sign-ins cannot grow memory without bound
-READER_KEY = "pipemon.reader"  # request key: the Principal reading, or None when reads are open
+# request key: the Principal reading, absent when reads are open (a RequestKey where aiohttp has them)
+READER_KEY = web.RequestKey("reader", Principal) if hasattr(web, "RequestKey") else "pipemon.reader"
 UI_PATHS = ("/", "/pipelines/")
 PROTECTED = ("/metrics", "/api/v1/pipelines")
 
