@@ -203,11 +203,12 @@ def test_filters_and_search_work_and_stay_in_the_url(stack, browser):
     from selenium.webdriver.support.ui import Select
 
     sign_in(browser, stack["url"], ADMIN)
-    Select(browser.find_element(By.NAME, "state")).select_by_value("stale")  # applies on change
+    Select(browser.find_element(By.NAME, "state")).select_by_value("stale")
+    assert "state=stale" not in browser.current_url, "a filter applies with its button, not on change"
+    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
     wait_for(lambda: "state=stale" in browser.current_url)
     assert rows(browser) == {"stale_pipe": "stale"}
     Select(browser.find_element(By.NAME, "state")).select_by_value("")
-    wait_for(lambda: "state=stale" not in browser.current_url)
     search = browser.find_element(By.NAME, "q")
     search.send_keys("volume", Keys.ENTER)  # keyboard only
     wait_for(lambda: "q=volume" in browser.current_url)
@@ -217,6 +218,20 @@ def test_filters_and_search_work_and_stay_in_the_url(stack, browser):
     assert Select(browser.find_element(By.NAME, "team")).first_selected_option.text == "team-b"
     browser.get(f"{stack['url']}/?state=nonsense")
     assert "state must be one of" in browser.find_element(By.CSS_SELECTOR, "p.error").text
+
+
+def test_the_page_refreshes_itself_keeping_its_filters(stack, browser):
+    from selenium.webdriver.common.by import By
+
+    sign_in(browser, stack["url"], ADMIN)
+    browser.get(f"{stack['url']}/?q=refresh_me&team=team-a")
+    assert rows(browser) == {}
+    _post(f"{stack['url']}/api/v1/runs", _history("refresh_me_pipe", 1))
+    browser.find_element(By.TAG_NAME, "body").click()  # focus off the search box: refreshing is allowed
+    browser.execute_script("return window.pipemonRefresh()")  # what the 30 s timer calls
+    wait_for(lambda: rows(browser) == {"refresh_me_pipe": "ok"})
+    assert browser.current_url.endswith("/?q=refresh_me&team=team-a")
+    assert browser.find_element(By.NAME, "q").get_attribute("value") == "refresh_me"
 
 
 def test_a_click_leads_to_the_pipeline_page_whose_runs_and_charts_match_what_was_sent(stack, browser):

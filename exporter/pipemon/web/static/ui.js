@@ -1,5 +1,6 @@
-// pipemon UI: times in the browser's zone, filters that apply on change, and a refresh that keeps the URL
-// (so the filters) and the focus. Without JavaScript every page still works: times read in UTC.
+// pipemon UI: times in the browser's zone and a refresh that keeps the URL (so the filters) and the focus.
+// Filters apply with their button or Enter, not on change: arrowing through a select must not reload the page.
+// Without JavaScript every page still works: times read in UTC, refresh by reloading.
 "use strict";
 (function () {
   const fmt = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
@@ -19,11 +20,6 @@
       el.textContent = relative(now - ts);
     }
   }
-  function autoSubmit(root) {
-    for (const select of root.querySelectorAll("form.filters select")) {
-      select.addEventListener("change", () => select.form.submit());
-    }
-  }
   async function refresh() {
     const active = document.activeElement;
     if (active && (active.tagName === "INPUT" || active.tagName === "SELECT")) return; // typing: not now
@@ -35,13 +31,12 @@
       if (!fresh) return;
       document.getElementById("main").replaceWith(fresh);
       localTimes(fresh);
-      autoSubmit(fresh);
       document.body.dataset.refreshed = String(Date.now());
     } catch (err) { /* offline for a moment: the next round tries again */ }
   }
+  window.pipemonRefresh = refresh; // for the browser tests, and a console
   document.addEventListener("DOMContentLoaded", () => {
     localTimes(document);
-    autoSubmit(document);
     const every = parseInt(document.body.dataset.refresh || "0", 10);
     if (every > 0) setInterval(refresh, every * 1000);
   });
