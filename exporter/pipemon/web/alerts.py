@@ -23,7 +23,7 @@ SEVERITY_SHORT = {"critical": "crit", "high": "high", "medium": "med", "low": "l
 class Alert:
     name: str
     severity: str
-    state: str  # "firing" or "silenced" (Alertmanager's suppressed by a silence or an inhibition)
+    state: str  # "firing", "silenced" or "inhibited" (Alertmanager's "suppressed" by a silence or an inhibition)
     since: float
     receivers: tuple[str, ...]
     pipeline: str
@@ -31,7 +31,8 @@ class Alert:
 
     @property
     def short(self) -> str:
-        return f"{SEVERITY_SHORT.get(self.severity, self.severity)}{' (silenced)' if self.state != 'firing' else ''}"
+        short = SEVERITY_SHORT.get(self.severity, self.severity)
+        return short if self.state == "firing" else f"{short} ({self.state})"
 
 
 @dataclass(slots=True)
@@ -110,11 +111,15 @@ def _parse(raw: dict, source: str) -> Alert | None:
     pipeline = labels.get("pipeline")
     if not isinstance(pipeline, str):
         return None  # the exporter's own alerts concern no pipeline
-    status = (raw.get("status") or {}).get("state", "active")
+    status = raw.get("status") or {}
+    if status.get("state", "active") == "active":
+        state = "firing"
+    else:
+        state = "silenced" if status.get("silencedBy") else "inhibited"
     try:
         since = datetime.fromisoformat(str(raw.get("startsAt", "")).replace("Z", "+00:00")).timestamp()
     except ValueError:
         since = 0.0
     receivers = tuple(r.get("name", "") for r in raw.get("receivers") or [] if isinstance(r, dict))
     return Alert(str(labels.get("alertname", "")), str(labels.get("severity", "")),
-                 "firing" if status == "active" else "silenced", since, receivers, pipeline, source)
+                 state, since, receivers, pipeline, source)
