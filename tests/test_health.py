@@ -127,3 +127,17 @@ def test_no_verdict_before_the_latest_runs_baseline_holds_min_baseline_samples()
 
     assert state_after(8) == OK  # the latest run's baseline: 8 runs and the first slow one, 9 < 10
     assert state_after(9) == SLOW
+
+
+def test_facts_of_deleted_pipelines_are_dropped_once_many():
+    pipelines = Pipelines()
+    judged = judge()
+    for i in range(1200):
+        judged.judge(pipelines.ensure(REGISTRY.default_spec(f"p{i}")), NOW)
+    for i in range(1000):
+        pipelines.forget(f"p{i}")
+    judged.prune(pipelines.by_name, len(pipelines))
+    assert len(judged._facts) == 1200, "1,000 gone: not yet many"
+    pipelines.forget("p1000")
+    judged.prune(pipelines.by_name, len(pipelines))
+    assert set(judged._facts) == {f"p{i}" for i in range(1001, 1200)}

@@ -9,6 +9,7 @@ here the condition stands until the next run, since a person asking "is it healt
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -147,6 +148,7 @@ class HealthJudge:
             found.append(SLOW)
         return tuple(found)
 
-    def forget(self, names: set[str]) -> None:
-        for name in names:
-            self._facts.pop(name, None)
+    def prune(self, live: Container[str], count: int) -> None:
+        """Drop the cached facts of deleted pipelines once they are many (`count`: pipelines tracked)."""
+        if len(self._facts) > count + 1000:
+            self._facts = {name: facts for name, facts in self._facts.items() if name in live}

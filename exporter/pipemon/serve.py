@@ -14,6 +14,7 @@ from pipemon.app import EXPORTER_KEY, create_app
 from pipemon.auth import TokensError, load_tokens
 from pipemon.config import ServeConfig, add_serve_arguments, config_from_args
 from pipemon.registry import RegistryError
+from pipemon.rules_render import ConfigError
 from pipemon.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("pipemon")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(config)
-    except (RegistryError, TokensError, WebConfigError) as exc:
+    except (RegistryError, TokensError, WebConfigError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
 

@@ -95,7 +95,9 @@ async def get_overview(request: web.Request) -> web.Response:
     except overview.FilterError as exc:
         return _html(page("Bad filter", f'<h1>Bad filter</h1><p class="error">{e(exc)}</p>'
                           '<p><a href="/">All pipelines</a></p>', refresh=False), 400)
-    states = (s for s in ui.pipelines() if may_read(request, s.team))
+    pipelines = ui.pipelines()
+    ui.judge.prune(pipelines.by_name, len(pipelines))
+    states = (s for s in pipelines if may_read(request, s.team))
     view = overview.build(states, ui.judge, filters, ui.clock())
     alerts = await ui.alerts.view()
     body = overview.render(view, filters, ui.judge, alerts)
