@@ -104,9 +104,13 @@ def ring_bytes(capacity: int = 50) -> tuple[float, float]:
     return results[0], results[1]
 
 
-def rss_child(pipelines: int, recent_runs: int) -> None:
-    """In a fresh process: an exporter's state with `pipelines` pipelines of 60 runs, /metrics rendered."""
+def rss_child(pipelines: int, recent_runs: int, overview: int) -> None:
+    """In a fresh process: an exporter's state with `pipelines` pipelines of 60 runs, /metrics rendered
+    (and, with `overview`, the overview judged and rendered once: its cached facts per pipeline)."""
     from pipemon.app import Exporter
+    from pipemon.health import HealthJudge
+    from pipemon.web import overview as page
+    from pipemon.web.alerts import AlertView
 
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "pipelines.yaml"
@@ -114,6 +118,10 @@ def rss_child(pipelines: int, recent_runs: int) -> None:
         exporter = Exporter(ServeConfig(registry=registry, state_dir=Path(tmp) / "state", recent_runs=recent_runs))
         fill(exporter.recorder.pipelines, exporter.registry, pipelines, 60, time.time())
         asyncio.run(exporter.renderer.render(False))
+        if overview:
+            judge = HealthJudge.from_path(None, time.time())
+            view = page.build(iter(exporter.recorder.pipelines), judge, page.Filters(), time.time())
+            page.render(view, page.Filters(), judge, AlertView())
         gc.collect()
         rss = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmRSS:"))
@@ -121,12 +129,12 @@ def rss_child(pipelines: int, recent_runs: int) -> None:
         exporter.renderer.close()
 
 
-def rss_figures(pipelines: int) -> dict[int, float]:
+def rss_figures(pipelines: int) -> dict[tuple[int, int], float]:
     out = {}
-    for recent in (0, 50):
-        proc = subprocess.run([sys.executable, __file__, "--rss-child", str(pipelines), str(recent)],
+    for recent, overview in ((0, 0), (50, 0), (50, 1)):
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", str(pipelines), str(recent), str(overview)],
                               capture_output=True, text=True, check=True)
-        out[recent] = json.loads(proc.stdout.strip().splitlines()[-1])["rss_kib"] / 1024
+        out[recent, overview] = json.loads(proc.stdout.strip().splitlines()[-1])["rss_kib"] / 1024
     return out
 
 
@@ -135,7 +143,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,20000")
     parser.add_argument("--rss-pipelines", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="1,000 pipelines only, RSS at 1,000")
-    parser.add_argument("--rss-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(*args.rss_child)
@@ -151,9 +159,10 @@ def main() -> int:
     print(f"\nrecent-runs ring, 50 runs: {shared:,.0f} bytes per pipeline (run ids shared with the dedup window),"
           f" {own:,.0f} with its own copies of 35-character run ids (after a restart)")
     rss = rss_figures(rss_pipelines)
+    base = rss[0, 0]
     print(f"\nRSS at {rss_pipelines:,} pipelines (60 runs each, /metrics rendered once):"
-          f" {rss[0]:,.0f} MiB without the ring (--recent-runs 0), {rss[50]:,.0f} MiB with it (50):"
-          f" {rss[50] / rss[0]:.2f}×")
+          f" {base:,.0f} MiB without the ring (--recent-runs 0), {rss[50, 0]:,.0f} MiB with it (50):"
+          f" {rss[50, 0] / base:.2f}×; after an overview too: {rss[50, 1]:,.0f} MiB, {rss[50, 1] / base:.2f}×")
     return 0
 
 

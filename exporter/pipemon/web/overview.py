@@ -79,10 +79,13 @@ def build(states: Iterable[PipelineState], judge: HealthJudge, filters: Filters,
     needle = filters.q.casefold()
     for state in states:
         health = judge.judge(state, now)
-        counts.setdefault(state.team, Counter())[health.state] += 1
+        team_counts = counts.get(state.team)
+        if team_counts is None:
+            team_counts = counts[state.team] = Counter()
+        team_counts[health.state] += 1
         tiers.add(state.spec.tier)
         if ((filters.team and state.team != filters.team) or (filters.tier and state.spec.tier != filters.tier)
-                or (filters.state and filters.state not in health.conditions and health.state != filters.state)
+                or (filters.state and health.state != filters.state)  # the worst state, as the counts
                 or (needle and needle not in state.name.casefold())):
             continue
         matched.append(Row(state, health))
