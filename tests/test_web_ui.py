@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ADMIN, TEAM_A, TEAM_B = "admin-secret-token", "team-a-secret-token", "team-b-secret-token"
 HOUR = 3600.0
+BROWSER_ZONE = "Asia/Kolkata"  # UTC+5:30, no daylight saving
 LONG_NAME = "a_pipeline_with_a_remarkably_long_name_" + "that_keeps_going_" * 8 + "end"
 EXPECTED = {  # pipeline -> the state the overview must show
     "ok_pipe": "ok", "failing_pipe": "failing", "stale_pipe": "stale", "stuck_pipe": "stuck",
@@ -110,7 +112,8 @@ def stack() -> Iterator[dict]:
                     "--access-log"]
         with (running(am, f"{am_url}/-/ready", tmp / "am.log"),
               running(exporter, f"{url}/-/healthy", tmp / "exporter.log")):
-            result = _post(f"{url}/api/v1/runs", _events())
+            events = _events()
+            result = _post(f"{url}/api/v1/runs", events)
             assert result["rejected"] == 0, result
             _post(f"{url}/api/v1/runs/start", {"pipeline": "stuck_pipe", "run_id": "stuck-run",
                                                "started_at": iso(time.time() - HOUR)})
@@ -121,7 +124,7 @@ def stack() -> Iterator[dict]:
             request = urllib.request.Request(f"{am_url}/api/v2/alerts", data=json.dumps([alert]).encode(),
                                              method="POST", headers={"Content-Type": "application/json"})
             urllib.request.urlopen(request, timeout=5).close()
-            yield {"url": url, "am": am_url, "log": tmp / "exporter.log", "tmp": tmp}
+            yield {"url": url, "am": am_url, "log": tmp / "exporter.log", "tmp": tmp, "events": events}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -139,7 +142,9 @@ def browser(stack) -> Iterator:
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # a zone that is not the machine's (UTC), to see the page convert times into the browser's own
+    service = Service(CHROMEDRIVER, env={**os.environ, "TZ": BROWSER_ZONE})
+    driver = webdriver.Chrome(service=service, options=options)
     driver.implicitly_wait(0)
     try:
         yield driver
@@ -242,9 +247,7 @@ def test_a_click_leads_to_the_pipeline_page_whose_runs_and_charts_match_what_was
     wait_for(lambda: browser.find_elements(By.ID, "pipeline-name"))
     assert browser.find_element(By.ID, "pipeline-name").text == "slow_pipe"
     assert "slow" in browser.find_element(By.ID, "health").text
-    sent = _history("slow_pipe", 16)
-    for event in sent[-3:]:
-        event["duration_seconds"] = 80.0
+    sent = [event for event in stack["events"] if event["pipeline"] == "slow_pipe"]
     table = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
     assert [r.get_attribute("data-run") for r in table] == [e["run_id"] for e in reversed(sent)]
     assert table[0].find_elements(By.TAG_NAME, "td")[4].text == "80.0 s"
@@ -259,6 +262,10 @@ def test_a_click_leads_to_the_pipeline_page_whose_runs_and_charts_match_what_was
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-duration rect.band2")
     strip = browser.find_elements(By.CSS_SELECTOR, "#outcomes rect")
     assert [s.get_attribute("data-status") for s in strip] == ["success"] * 16
+    # the runs' times in the browser's zone (UTC+5:30), not the server's
+    finished = datetime.fromisoformat(sent[-1]["finished_at"]).astimezone(ZoneInfo(BROWSER_ZONE))
+    shown = table[0].find_elements(By.TAG_NAME, "td")[3].text
+    assert f"{finished.hour % 12 or 12}:{finished.minute:02d}:{finished.second:02d}" in shown, shown
     sources = {r.get_attribute("data-threshold"): r.find_elements(By.TAG_NAME, "td")[2].text
                for r in browser.find_elements(By.CSS_SELECTOR, "#thresholds tbody tr")}
     assert sources["duration_zscore_medium"] == "rules/config.yaml"

@@ -27,12 +27,14 @@ def query(params: dict[str, str | int | None]) -> str:
     return "?" + urlencode(kept) if kept else ""
 
 
-def when(ts: float, empty: str = "never") -> str:
-    """A timestamp as <time>: ui.js shows it relative ("5 min ago") and in the browser's zone on hover."""
+def when(ts: float, empty: str = "never", absolute: bool = False) -> str:
+    """A timestamp as <time>: ui.js shows it relative ("5 min ago") with the browser's local time on hover, or
+    (`absolute`, for tables of runs) the local time with the relative one on hover."""
     if not ts or math.isnan(ts):
         return f'<span class="muted">{e(empty)}</span>'
     iso = datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    return f'<time datetime="{iso}" data-ts="{ts:.3f}">{iso}</time>'
+    kind = ' data-absolute="1"' if absolute else ""
+    return f'<time datetime="{iso}" data-ts="{ts:.3f}"{kind}>{iso}</time>'
 
 
 def duration(seconds: float) -> str:

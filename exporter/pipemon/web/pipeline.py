@@ -107,7 +107,7 @@ def _in_progress(state: PipelineState, now: float) -> str:
     if not state.in_progress:
         return '<section id="in-progress"><h2>In progress</h2><p class="muted">No run in progress.</p></section>'
     rows = "".join(
-        f'<tr data-run="{e(run_id)}"><td class="name">{e(run_id)}</td><td>{when(started)}</td>'
+        f'<tr data-run="{e(run_id)}"><td class="name">{e(run_id)}</td><td>{when(started, absolute=True)}</td>'
         f'<td class="num{" late" if now - started > state.spec.max_runtime_seconds else ""}">'
         f"{duration(now - started)}</td></tr>"
         for run_id, started in sorted(state.in_progress.items(), key=lambda item: item[1]))
@@ -150,8 +150,8 @@ def _runs_table(runs: list[Run], capacity: int) -> str:
         return '<section><h2>Recent runs</h2><p class="muted">No run yet.</p></section>'
     rows = "".join(
         f'<tr data-run="{e(r.run_id)}" data-status="{e(r.status)}"><td><span class="o-{e(r.status)}">{e(r.status)}'
-        f'</span></td><td class="name">{e(r.run_id)}</td><td>{when(r.started, "–")}</td>'
-        f'<td>{when(r.finished, "–")}</td><td class="num">{duration(r.duration)}</td>'
+        f'</span></td><td class="name">{e(r.run_id)}</td><td>{when(r.started, "–", absolute=True)}</td>'
+        f'<td>{when(r.finished, "–", absolute=True)}</td><td class="num">{duration(r.duration)}</td>'
         f'<td class="num">{number(r.records)}</td><td class="num">{number(r.throughput)}</td></tr>'
         for r in runs)
     return (f'<section><h2>Recent runs <span class="muted">(the last {capacity}, latest first)</span></h2>'

@@ -16,8 +16,9 @@
     const now = Date.now() / 1000;
     for (const el of root.querySelectorAll("time[data-ts]")) {
       const ts = parseFloat(el.dataset.ts);
-      el.title = fmt.format(new Date(ts * 1000));
-      el.textContent = relative(now - ts);
+      const local = fmt.format(new Date(ts * 1000));
+      el.title = el.dataset.absolute ? relative(now - ts) : local;
+      el.textContent = el.dataset.absolute ? local : relative(now - ts);
     }
   }
   async function refresh() {
