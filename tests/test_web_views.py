@@ -123,3 +123,18 @@ def test_protect_reads_needs_tokens_and_tokens_need_exactly_one_kind(tmp_path):
     path.write_text(json.dumps({"tokens": [{"name": "x", "sha256": "0" * 64, "team": "a", "reader": True}]}))
     with pytest.raises(TokensError, match="exactly one of"):
         load_tokens(path)
+
+
+def test_basic_auth_on_metrics_and_protect_reads_are_refused_together(tmp_path, config):
+    import bcrypt
+
+    from pipemon.serve import serve
+    from pipemon.webconfig import WebConfigError
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    (tmp_path / "tokens.yaml").write_text(json.dumps({"tokens": [{"name": "a", "sha256": "0" * 64, "admin": True}]}))
+    cfg = dataclasses.replace(config, web_config=tmp_path / "web.yml", tokens=tmp_path / "tokens.yaml",
+                              protect_reads=True)
+    with pytest.raises(WebConfigError, match="exclude each other"):
+        serve(cfg)
