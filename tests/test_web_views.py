@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -138,3 +139,17 @@ def test_basic_auth_on_metrics_and_protect_reads_are_refused_together(tmp_path, 
                               protect_reads=True)
     with pytest.raises(WebConfigError, match="exclude each other"):
         serve(cfg)
+
+
+async def test_pipelines_are_judged_in_the_background_before_anyone_looks(exporter_client):
+    from pipemon.web import UI_KEY
+
+    client = await exporter_client()
+    await post_run(client, "orders_daily", "r1")
+    state = client.exporter.recorder.pipelines.get("orders_daily")
+    judge = client.server.app[UI_KEY].judge
+    assert not judge.is_prepared(state)
+    deadline = time.monotonic() + 10  # one round every 5 s
+    while not judge.is_prepared(state):
+        assert time.monotonic() < deadline, "not judged in the background"
+        await asyncio.sleep(0.1)

@@ -87,7 +87,7 @@ class HealthJudge:
         return self.schedule_class(state.expected_interval()).success_window
 
     def judge(self, state: PipelineState, now: float) -> Health:
-        facts = self._facts_of(state)
+        facts = self.prepare(state)
         t = self._value
         conditions: list[str] = []
         failures = state.consecutive_failures
@@ -115,7 +115,8 @@ class HealthJudge:
     def _value(self, state: PipelineState, name: str) -> float:
         return self.threshold(state, name)[0]
 
-    def _facts_of(self, state: PipelineState) -> _Facts:
+    def prepare(self, state: PipelineState) -> _Facts:
+        """The clock-free part of the pipeline's judgement, from the cache while its state is unchanged."""
         key = (state.version, id(state.spec))
         facts = self._facts.get(state.name)
         if facts is None or facts.key != key:
@@ -147,6 +148,10 @@ class HealthJudge:
                for d in medium):
             found.append(SLOW)
         return tuple(found)
+
+    def is_prepared(self, state: PipelineState) -> bool:
+        facts = self._facts.get(state.name)
+        return facts is not None and facts.key == (state.version, id(state.spec))
 
     def prune(self, live: Container[str], count: int) -> None:
         """Drop the cached facts of deleted pipelines once they are many (`count`: pipelines tracked)."""
