@@ -197,6 +197,14 @@ def test_overview_shows_every_state_worst_first(stack, browser):
     assert failing.text == "failing ×3"
     counts = browser.find_element(By.CSS_SELECTOR, 'table.counts tr[data-team="team-a"]').text
     assert counts.split()[:2] == ["team-a", "1"]  # one failing pipeline in team-a
+    # keyboard: the first Tab reaches "Skip to content", Enter moves the focus to the page's content
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    skip = browser.switch_to.active_element
+    assert skip.text == "Skip to content"
+    skip.send_keys(Keys.ENTER)
+    assert browser.switch_to.active_element.get_attribute("id") == "main"
     # times are shown relative, in the browser's zone, not as raw UTC
     first_time = browser.find_element(By.CSS_SELECTOR, 'tr[data-pipeline="ok_pipe"] time')
     assert "ago" in first_time.text and first_time.get_attribute("title")

@@ -78,8 +78,9 @@ def page(title: str, body: str, *, signed_in: str | None = None, refresh: bool =
 <link rel="stylesheet" href="/static/ui.css">
 <script src="/static/ui.js" defer></script>
 </head><body{' data-refresh="30"' if refresh else ''}>
+<a class="skip" href="#main">Skip to content</a>
 <header><a class="brand" href="/">pipemon</a>{account}</header>
-<main id="main">
+<main id="main" tabindex="-1">
 {body}
 </main>
 <footer>pipemon {e(__version__)} · <a href="/metrics">/metrics</a> · <a href="/api/v1/pipelines">/api/v1/pipelines</a>
