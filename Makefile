@@ -4,7 +4,7 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 BIN         := $(VENV)/bin
-APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk postgresql
+APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk postgresql chromium chromium-driver
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages run run-ha serve test test-quick lint bench render clean

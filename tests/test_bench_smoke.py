@@ -38,3 +38,14 @@ def test_ha_bench_quick_run_prints_every_figure():
     for figure in ("single runs, 1 client", "single runs, 8 clients", "NDJSON batches of 500",
                    "replication lag", "whole /metrics", "shard 3 of 4"):
         assert figure in out.stdout, figure
+
+
+@pytest.mark.slow
+def test_ui_bench_quick_run_prints_every_figure():
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "ui.py"), "--quick"], capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    for figure in ("| 1,000 | overview, right after the runs arrived |", "| 1,000 | overview, first page (judged",
+                   "| 1,000 | pipeline page |", "recent-runs ring, 50 runs:", "RSS at 1,000 pipelines",
+                   "after an overview too"):
+        assert figure in out.stdout, figure

@@ -163,5 +163,5 @@ def test_dockerfile_runs_the_exporter_as_a_non_root_user_with_a_healthcheck():
 
 def test_dockerignore_lets_in_what_the_install_needs():
     lines = (REPO / ".dockerignore").read_text().split()
-    for needed in ("pyproject.toml", "exporter/", "pipelines.yaml"):
+    for needed in ("pyproject.toml", "exporter/", "pipelines.yaml", "rules/config.yaml"):  # the UI loads the last
         assert f"!{needed}" in lines and (REPO / needed).exists(), needed

@@ -11,12 +11,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from pipemon import __version__
 from pipemon.auth import Principal, Tokens
 from pipemon.backends import StorageError, open_backend
 from pipemon.config import ServeConfig
 from pipemon.events import Finish, Forget, RunFinished, RunStarted, Start, finished_record, started_record
 from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
+from pipemon.health import HealthJudge
 from pipemon.ingest import Admission, Rejection, decode_batch, decode_item, split_items, to_record
 from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
@@ -25,6 +25,10 @@ from pipemon.registry import Registry, RegistryError, load_registry, parse_regis
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.sharding import ShardError, parse_shard, shard_filter
 from pipemon.state import SUCCESS_WINDOWS, PipelineState
+from pipemon.web import Ui, install
+from pipemon.web.access import Sessions, may_read, reader
+from pipemon.web.alerts import AlertSource
+from pipemon.web.pipeline import Links
 from pipemon.webconfig import WebConfig
 
 log = logging.getLogger("pipemon")
@@ -53,7 +57,7 @@ class Exporter:
         self.tokens: Tokens | None = None
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
-                                    history_size=config.history_size,
+                                    history_size=config.history_size, recent_runs=config.recent_runs,
                                     abandon_after_factor=config.abandon_after_factor,
                                     sweep_interval=config.sweep_interval)
         storage = open_backend(config.state or config.state_dir, config.storage_sync)
@@ -209,6 +213,11 @@ async def get_metrics(request: web.Request) -> web.Response:
     except ShardError as exc:
         return error_response(Rejection(400, "invalid_shard", str(exc), "shard"))
     openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
+    principal = reader(request)
+    if principal is not None and principal.team is not None:  # a team's token: its pipelines only
+        body = exp.renderer.render_team(openmetrics, principal.team)
+        return web.Response(body=body, headers={"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics
+                                                else TEXT_CONTENT_TYPE})
     gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
     started = time.perf_counter()
     # Replicas over one database: hold everything committed up to now before rendering, so no scrape of any
@@ -236,12 +245,19 @@ def pipeline_summary(state: PipelineState) -> dict[str, Any]:
 async def get_pipelines(request: web.Request) -> web.Response:
     exp = _exporter(request)
     team = request.query.get("team")
-    listed = [pipeline_summary(s) for s in exp.recorder.pipelines if team is None or s.team == team]
+    listed = [pipeline_summary(s) for s in exp.recorder.pipelines
+              if (team is None or s.team == team) and may_read(request, s.team)]
     return json_response({"pipelines": sorted(listed, key=lambda p: p["pipeline"])})
 
 
-async def get_pipeline(request: web.Request) -> web.Response:
+def _readable(request: web.Request) -> PipelineState | None:
+    """The named pipeline, if it exists and the caller may read it (another team's reads as absent)."""
     state = _exporter(request).recorder.pipelines.get(request.match_info["name"])
+    return state if state is not None and may_read(request, state.team) else None
+
+
+async def get_pipeline(request: web.Request) -> web.Response:
+    state = _readable(request)
     if state is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     judged = state.judgements()
@@ -268,6 +284,19 @@ async def get_pipeline(request: web.Request) -> web.Response:
         },
     }
     return json_response(detail)
+
+
+async def get_pipeline_runs(request: web.Request) -> web.Response:
+    """The recent-runs ring of a pipeline, latest first (`?limit=N` for fewer)."""
+    state = _readable(request)
+    if state is None:
+        return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
+    raw = request.query.get("limit", "")
+    if raw and not (raw.isdigit() and 0 < int(raw) <= 100_000):
+        return error_response(Rejection(400, "invalid_limit", "limit must be a whole number from 1", "limit"))
+    runs = state.recent.latest_first(int(raw) if raw else None)
+    return json_response({"pipeline": state.name, "team": state.team, "capacity": state.recent.capacity,
+                          "runs": [run.as_json() for run in runs]})
 
 
 def _finite(value: float) -> float | None:
@@ -318,19 +347,15 @@ async def get_healthy(request: web.Request) -> web.Response:
     return web.Response(text="Healthy.\n")
 
 
-LANDING_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>pipemon</title></head>
-<body><h1>pipemon {version}</h1><p>Monitoring for data pipelines.</p>
-<ul>
-<li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
-<li><a href="/api/v1/pipelines">/api/v1/pipelines</a>: tracked pipelines</li>
-<li><a href="/api/v1/openapi.json">/api/v1/openapi.json</a>: API specification (OpenAPI 3)</li>
-</ul></body></html>
-"""
-
-
-async def get_landing(request: web.Request) -> web.Response:
-    return web.Response(text=LANDING_PAGE.format(version=__version__), content_type="text/html")
+def _ui_of(exporter: Exporter, config: ServeConfig, tokens: Tokens | None, clock: Callable[[], float],
+           web_config: WebConfig | None) -> Ui:
+    if config.protect_reads and tokens is None:
+        raise ValueError("--protect-reads needs tokens (--tokens)")
+    judge = HealthJudge.from_path(config.rules_config, clock())
+    links = Links(config.alertmanager_urls, judge.config.links.dashboard, config.prometheus_url)
+    return Ui(lambda: exporter.recorder.pipelines, judge, AlertSource(config.alertmanager_urls), links, clock,
+              Sessions(tokens) if config.protect_reads and tokens is not None else None,
+              secure_cookie=web_config is not None and web_config.tls is not None)
 
 
 def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callable[[], float] = time.time,
@@ -340,7 +365,6 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
     middlewares = [web_config.middleware()] if web_config is not None and web_config.users else []
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[EXPORTER_KEY] = exporter
-    app.router.add_get("/", get_landing)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/-/healthy", get_healthy)
     app.router.add_get("/-/ready", get_healthy)
@@ -350,6 +374,7 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
     app.router.add_post("/api/v1/lineage", post_lineage)
     app.router.add_get("/api/v1/pipelines", get_pipelines)
     app.router.add_get("/api/v1/pipelines/{name}", get_pipeline)
+    app.router.add_get("/api/v1/pipelines/{name}/runs", get_pipeline_runs)
     app.router.add_delete("/api/v1/pipelines/{name}", delete_pipeline)
     app.router.add_get("/api/v1/openapi.json", get_openapi)
 
@@ -360,4 +385,5 @@ def create_app(config: ServeConfig, tokens: Tokens | None = None, clock: Callabl
         exporter.renderer.close()
 
     app.cleanup_ctx.append(lifecycle)
+    install(app, _ui_of(exporter, config, tokens, clock, web_config))  # after the lifecycle: warms up restored state
     return app

@@ -1,4 +1,5 @@
-"""Bearer tokens for the write endpoints: a tokens file maps hashed tokens to a team or to admin.
+"""Bearer tokens: a tokens file maps hashed tokens to a team, to admin, or to reader (reads everything,
+writes nothing; for Prometheus and dashboards under --protect-reads).
 
 The file keeps SHA-256 hashes only (`pipemon hash-token` makes one). Every presented token is compared
 against every entry with `hmac.compare_digest` and no early exit, so timing says nothing about how much
@@ -28,10 +29,11 @@ class TokenEntry(msgspec.Struct, forbid_unknown_fields=True):
     sha256: Sha256Hex
     team: Annotated[str, msgspec.Meta(pattern=TEAM_NAME_PATTERN)] | None = None
     admin: bool = False
+    reader: bool = False
 
     def __post_init__(self) -> None:
-        if self.admin == (self.team is not None):
-            raise ValueError(f"token {self.name!r} needs exactly one of `team:` or `admin: true`")
+        if [self.team is not None, self.admin, self.reader].count(True) != 1:
+            raise ValueError(f"token {self.name!r} needs exactly one of `team:`, `admin: true` or `reader: true`")
 
 
 class TokensFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,9 +45,13 @@ class Principal:
     name: str
     team: str | None
     admin: bool
+    reader: bool = False
 
     def may_write(self, team: str) -> bool:
         return self.admin or self.team == team
+
+    def may_read(self, team: str) -> bool:
+        return self.admin or self.reader or self.team == team
 
 
 class TokensError(ValueError):
@@ -54,7 +60,7 @@ class TokensError(ValueError):
 
 class Tokens:
     def __init__(self, entries: list[TokenEntry]) -> None:
-        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.team, e.admin)) for e in entries]
+        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.team, e.admin, e.reader)) for e in entries]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -63,7 +69,11 @@ class Tokens:
         """The principal of an `Authorization: Bearer …` header, or None."""
         if not authorization or not authorization.startswith("Bearer "):
             return None
-        digest = hash_token(authorization[len("Bearer "):].strip())
+        return self.identify_token(authorization[len("Bearer "):].strip())
+
+    def identify_token(self, token: str) -> Principal | None:
+        """The principal of a bare token (the sign-in form's), or None."""
+        digest = hash_token(token)
         found = None
         for expected, principal in self._entries:
             if hmac.compare_digest(digest, expected):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,15 @@ class ServeConfig:
     baseline_size: int = 30
     history_size: int = 336
     dedup_window: int = 1000
+    recent_runs: int = 50
     abandon_after_factor: float = 3.0
     sweep_interval: float = 30.0
     lineage_pipeline_name: str = "{name}"
+    # the web UI (issue 15)
+    rules_config: Path | None = None  # thresholds' defaults; None: the copy shipped with the package
+    alertmanager_urls: tuple[str, ...] = ()
+    prometheus_url: str | None = None
+    protect_reads: bool = False
 
 
 # flag, env var, config field, type, help
@@ -58,16 +65,26 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "successful runs kept per pipeline to learn baselines and seasonality from"),
     ("--dedup-window", "PIPEMON_DEDUP_WINDOW", "dedup_window", int,
      "run ids remembered per pipeline to recognise retries"),
+    ("--recent-runs", "PIPEMON_RECENT_RUNS", "recent_runs", int,
+     "runs of any outcome kept per pipeline for the web UI and GET /api/v1/pipelines/NAME/runs"),
     ("--abandon-after-factor", "PIPEMON_ABANDON_AFTER_FACTOR", "abandon_after_factor", float,
      "a run in progress for this many max runtimes is abandoned and counted as failed"),
     ("--sweep-interval", "PIPEMON_SWEEP_INTERVAL", "sweep_interval", float,
      "seconds between two looks for abandoned runs"),
+    ("--rules-config", "PIPEMON_RULES_CONFIG", "rules_config", Path,
+     "rules config whose thresholds and schedule classes the web UI judges pipelines by (default: the copy of"
+     " rules/config.yaml shipped with pipemon)"),
+    ("--prometheus-url", "PIPEMON_PROMETHEUS_URL", "prometheus_url", str,
+     "Prometheus the web UI links to for a pipeline's graphs"),
     ("--lineage-pipeline-name", "PIPEMON_LINEAGE_PIPELINE_NAME", "lineage_pipeline_name", str,
      "pipeline name of an OpenLineage job, from {name} and {namespace}, e.g. '{namespace}/{name}'"),
 )
 _SWITCHES = (
     ("--enable-lifecycle", "PIPEMON_ENABLE_LIFECYCLE", "enable_lifecycle", "allow POST /-/reload"),
     ("--access-log", "PIPEMON_ACCESS_LOG", "access_log", "log every request"),
+    ("--protect-reads", "PIPEMON_PROTECT_READS", "protect_reads",
+     "every read (web UI, /api/v1/pipelines*, /metrics) needs a token of --tokens; a team's token reads only"
+     " its team's pipelines"),
 )
 
 
@@ -81,6 +98,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=field, action="store_true",
                             default=os.environ.get(env, "").lower() in ("1", "true", "yes"),
                             help=f"{help_text} (env {env}=true)")
+    parser.add_argument("--alertmanager-url", dest="alertmanager_urls", action="append",
+                        default=None, help="Alertmanager whose alerts the web UI shows, repeatable (env"
+                        " PIPEMON_ALERTMANAGER_URLS, comma-separated)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -100,11 +120,22 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             raise ValueError(f"{flag} / {env}: {exc}") from exc
     for _flag, _env, field, _help in _SWITCHES:
         values[field] = bool(getattr(args, field))
+    urls = getattr(args, "alertmanager_urls", None) or [
+        u for u in os.environ.get("PIPEMON_ALERTMANAGER_URLS", "").split(",") if u.strip()]
+    for url in urls:
+        if not re.match(r"^https?://[^\s/]+", url.strip()):
+            raise ValueError(f"--alertmanager-url / PIPEMON_ALERTMANAGER_URLS: expected http(s)://host:port,"
+                             f" got {url!r}")
+    values["alertmanager_urls"] = tuple(u.strip() for u in urls)
     config = ServeConfig(**values)
     try:
         check_name_template(config.lineage_pipeline_name)
     except ValueError as exc:
         raise ValueError(f"--lineage-pipeline-name / PIPEMON_LINEAGE_PIPELINE_NAME: {exc}") from exc
+    if config.protect_reads and config.tokens is None:
+        raise ValueError("--protect-reads / PIPEMON_PROTECT_READS needs --tokens: reads are checked against them")
+    if not 0 <= config.recent_runs <= 10_000:
+        raise ValueError(f"--recent-runs / PIPEMON_RECENT_RUNS: expected 0 to 10000, got {config.recent_runs}")
     if config.storage_sync not in ("normal", "full"):
         raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
     if config.state and not is_postgres_url(config.state):

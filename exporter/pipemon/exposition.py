@@ -257,6 +257,25 @@ class MetricsRenderer:
             return b"".join(parts)
         return await asyncio.get_running_loop().run_in_executor(self._threads, b"".join, parts)
 
+    def render_team(self, openmetrics: bool, team: str) -> bytes:
+        """Only one team's pipeline series (a team's read token under --protect-reads): no exporter-wide
+        pipemon_* metrics either, as those count every team's pipelines and events."""
+        blocks = []
+        for state in self._pipelines():
+            if state.team != team:
+                continue
+            cached = self._cache.get(state.name)
+            if cached is None or cached[0] is not state or cached[1] != state.version:
+                cached = self._cache[state.name] = (state, state.version, pipeline_blocks(state))
+            blocks.append(cached[2])
+        parts: list[bytes] = []
+        for index, family in enumerate(FAMILIES):
+            parts.append(family.header(openmetrics))
+            parts.extend(block[index] for block in blocks)
+        if openmetrics:
+            parts.append(b"# EOF\n")
+        return b"".join(parts)
+
     async def render_gzip(self, openmetrics: bool) -> bytes:
         """The body gzip-compressed (one member), from the segments' cached deflate pieces."""
         segments = await self._current_segments()

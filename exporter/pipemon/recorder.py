@@ -20,6 +20,7 @@ import msgspec
 from pipemon.backends import Loaded, LogGap, Row, StateBackend, StorageError
 from pipemon.backends.sqlite import state_path
 from pipemon.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Forget, Record
+from pipemon.recent import RECENT_RUNS
 from pipemon.registry import PipelineSpec, Registry
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.state import Pipelines, PipelineState, Snapshot
@@ -45,6 +46,7 @@ class RecorderSettings:
     baseline_size: int = 30
     history_size: int = 336
     dedup_window: int = 1000
+    recent_runs: int = RECENT_RUNS  # runs of any outcome kept per pipeline for the web UI
     checkpoint_interval: float = 10.0  # seconds between checkpoints while records arrive
     checkpoint_records: int = 500_000  # or after this many records, whichever comes first (bounds the replay)
     sweep_interval: float = 30.0  # how often to look for abandoned runs
@@ -75,7 +77,8 @@ class Recorder:
         self.metrics = metrics
         self.settings = settings
         self.clock = clock
-        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size)
+        self.pipelines = Pipelines(settings.baseline_size, settings.dedup_window, settings.history_size,
+                                   settings.recent_runs)
         # Submissions wait in a plain list; the writer takes all of them at once (a group commit).
         self._pending: list[_Submission] = []
         self._wake = asyncio.Event()
@@ -133,7 +136,7 @@ class Recorder:
                 log.error("checkpoint of pipeline %r is unreadable (%s): it starts from zero", name, exc)
                 continue
             state = PipelineState.restore(snap, self.spec_for(name, snap.team), self.settings.baseline_size,
-                                          self.settings.history_size)
+                                          self.settings.history_size, self.settings.recent_runs)
             state.team = state.spec.team  # the registry may have moved the pipeline meanwhile
             self.pipelines.by_name[name] = state
             covers[name] = snap.covers_seq

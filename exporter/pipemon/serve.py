@@ -15,6 +15,7 @@ from pipemon.auth import TokensError, load_tokens
 from pipemon.backends import StorageError
 from pipemon.config import ServeConfig, add_serve_arguments, config_from_args
 from pipemon.registry import RegistryError
+from pipemon.rules_render import ConfigError
 from pipemon.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("pipemon")
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(config)
-    except (RegistryError, TokensError, WebConfigError, StorageError) as exc:
+    except (RegistryError, TokensError, WebConfigError, StorageError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
 
@@ -45,6 +46,10 @@ def serve(config: ServeConfig) -> int:
     else:
         log.info("%d tokens loaded from %s", len(tokens), config.tokens)
     web_config = load_web_config(config.web_config) if config.web_config else None
+    if web_config is not None and web_config.users and config.protect_reads:
+        # both would want the Authorization header of a /metrics scrape (Basic and Bearer)
+        raise WebConfigError(f"{config.web_config}: basic_auth_users and --protect-reads exclude each other: with"
+                             " --protect-reads, Prometheus scrapes with a reader token instead")
     if web_config is not None:
         log.info("web config %s: TLS %s, basic auth on /metrics %s", config.web_config,
                  "on" if web_config.tls else "off", f"for {len(web_config.users)} users" if web_config.users else "off")

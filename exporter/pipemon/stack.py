@@ -175,12 +175,15 @@ def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, regis
     sink_url = f"http://127.0.0.1:{ports.sink}/alertmanager"
     stack.start("sink", [py, "-u", "-m", "pipemon.sink", "--listen", f"127.0.0.1:{ports.sink}"],
                 f"http://127.0.0.1:{ports.sink}/notifications", quiet=False)
+    # the web UI shows the alerts of both Alertmanagers, judges by the stack's rules config, links to Prometheus
+    ui = [arg for web in ports.alertmanagers for arg in ("--alertmanager-url", f"http://127.0.0.1:{web}")]
+    ui += ["--rules-config", str(args.rules_config), "--prometheus-url", f"http://127.0.0.1:{ports.prometheus}"]
     if ha is None:
         stack.start("exporter", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{ports.exporter}",
-                                 "--registry", str(registry), "--state-dir", str(d / "exporter")],
+                                 "--registry", str(registry), "--state-dir", str(d / "exporter"), *ui],
                     f"http://127.0.0.1:{ports.exporter}/-/ready")
     else:
-        start_replicas(stack, ports, ha, registry)
+        start_replicas(stack, ports, ha, registry, ui)
     am_config = write_alertmanager_config(registry, d, sink_url, args)
     for i, (web, cluster) in enumerate(zip(ports.alertmanagers, ports.cluster, strict=True)):
         peer = ports.cluster[1 - i]
@@ -206,7 +209,7 @@ def start_prometheus(stack: Stack, args: argparse.Namespace, ports: StackPorts, 
                        f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}/-/ready")
 
 
-def start_replicas(stack: Stack, ports: StackPorts, ha: HAPorts, registry: Path) -> None:
+def start_replicas(stack: Stack, ports: StackPorts, ha: HAPorts, registry: Path, ui: list[str]) -> None:
     """PostgreSQL, two exporter replicas over it, and the balancer in front of them on the exporter port."""
     py = sys.executable
     data = pglocal.prepare(stack.directory / "postgres")
@@ -215,7 +218,8 @@ def start_replicas(stack: Stack, ports: StackPorts, ha: HAPorts, registry: Path)
     pglocal.create_database(ha.postgres)
     for i, port in enumerate(ha.replicas):
         stack.start(f"exporter-{i + 1}", [py, "-m", "pipemon.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                                          "--registry", str(registry), "--state", pglocal.url(ha.postgres)],
+                                          "--registry", str(registry), "--state", pglocal.url(ha.postgres),
+                                          *ui],
                     f"http://127.0.0.1:{port}/-/ready")
     upstreams = [arg for port in ha.replicas for arg in ("--upstream", f"http://127.0.0.1:{port}")]
     stack.start("balancer", [py, "-m", "pipemon.balancer", "--listen", f"127.0.0.1:{ports.exporter}", *upstreams],
@@ -225,7 +229,7 @@ def start_replicas(stack: Stack, ports: StackPorts, ha: HAPorts, registry: Path)
 def banner(ports: StackPorts, directory: Path, with_demo: bool, ha: HAPorts | None = None) -> str:
     lines = [
         "pipemon stack is up (Ctrl-C stops everything):",
-        f"  exporter      http://127.0.0.1:{ports.exporter}/  (metrics: /metrics, pipelines: /api/v1/pipelines)",
+        f"  exporter      http://127.0.0.1:{ports.exporter}/  (web UI; metrics: /metrics, API: /api/v1/pipelines)",
         f"  prometheus    http://127.0.0.1:{ports.prometheus}/alerts",
     ]
     if ha is not None:

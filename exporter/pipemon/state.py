@@ -28,6 +28,7 @@ from pipemon.baseline import (
     temper,
 )
 from pipemon.events import Abandon, Finish, Forget, Record, Start
+from pipemon.recent import ABANDONED, FAILURE, RECENT_RUNS, SUCCESS, RecentRuns
 from pipemon.registry import PipelineSpec
 
 NAN = math.nan
@@ -88,6 +89,9 @@ class Snapshot(msgspec.Struct, array_like=True):
     hourly: list[tuple[int, float, float]] = []  # frequent pipelines' hourly summary (baseline.HourlySummary)
     weekdays: list[int] = []  # weekdays with runs started, per week (schedule.learn_weekday)
     weekdays_week: int = 0
+    # The recent-runs ring (issue 15): run ids, and per run status, started, finished, duration, records.
+    recent_ids: list[str] = []
+    recent_values: list[float] = []
 
 
 class PipelineState:
@@ -97,12 +101,13 @@ class PipelineState:
         "_judged", "abandoned", "arrived", "baseline_size", "bucket_counts", "consecutive_failures", "data_clock",
         "data_clock_at", "duration_count", "duration_sum", "gaps", "history", "in_progress", "last_abandoned",
         "last_failure_ts", "last_run_duration", "last_run_records", "last_run_success", "last_run_throughput",
-        "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes", "records_total",
-        "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen", "team", "version", "weekdays",
-        "weekdays_week",
+        "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes", "recent",
+        "records_total", "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen", "team",
+        "version", "weekdays", "weekdays_week",
     )
 
-    def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336) -> None:
+    def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336,
+                 recent_runs: int = RECENT_RUNS) -> None:
         self.name = spec.name
         self.spec = spec
         self.team = spec.team
@@ -141,6 +146,7 @@ class PipelineState:
         self.abandoned: dict[str, Undo] = {}  # runs closed as abandoned, while their id is in `seen`
         self.last_abandoned = ""  # the abandoned run that is the latest run, if one is
         self.runs_reverted = 0  # abandonments taken back by the run's finish (a counter)
+        self.recent = RecentRuns(recent_runs)  # the last runs of any outcome, for people (the web UI)
 
     # ---- baselines -----------------------------------------------------------------------------------
 
@@ -248,15 +254,18 @@ class PipelineState:
             data_clock=self.data_clock, data_clock_at=self.data_clock_at, arrived=self.arrived,
             abandoned=self.abandoned, last_abandoned=self.last_abandoned, runs_reverted=self.runs_reverted,
             hourly=self.history.hourly_rows(), weekdays=self.weekdays, weekdays_week=self.weekdays_week,
+            recent_ids=self.recent.ids, recent_values=self.recent.values.tolist(),
         )
 
     @classmethod
     def restore(cls, snap: Snapshot, spec: PipelineSpec, baseline_size: int,
-                history_size: int = 336) -> PipelineState:
-        state = cls(spec, baseline_size, history_size)
+                history_size: int = 336, recent_runs: int = RECENT_RUNS) -> PipelineState:
+        state = cls(spec, baseline_size, history_size, recent_runs)
         for name in Snapshot.__struct_fields__:
-            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "hourly"):
+            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "hourly", "recent_ids",
+                            "recent_values"):
                 setattr(state, name, getattr(snap, name))
+        state.recent = RecentRuns.from_lists(recent_runs, snap.recent_ids, snap.recent_values, state.seen)
         rows = snap.history or _rows_of_old_ring(snap)
         state.history = RunHistory.from_rows(history_size, rows, snap.hourly)
         state.gaps.extend(snap.gaps)
@@ -283,9 +292,11 @@ class RecentJudgements(msgspec.Struct, frozen=True):
 class Pipelines:
     """All tracked pipelines; applies records and remembers recent run ids to make retries harmless."""
 
-    def __init__(self, baseline_size: int = 30, dedup_window: int = 1000, history_size: int = 336) -> None:
+    def __init__(self, baseline_size: int = 30, dedup_window: int = 1000, history_size: int = 336,
+                 recent_runs: int = RECENT_RUNS) -> None:
         self.baseline_size = baseline_size
         self.history_size = history_size
+        self.recent_runs = recent_runs
         self.dedup_window = dedup_window
         self.by_name: dict[str, PipelineState] = {}
         self.dirty: set[str] = set()  # changed since the last checkpoint
@@ -304,7 +315,8 @@ class Pipelines:
     def ensure(self, spec: PipelineSpec) -> PipelineState:
         state = self.by_name.get(spec.name)
         if state is None:
-            state = self.by_name[spec.name] = PipelineState(spec, self.baseline_size, self.history_size)
+            state = self.by_name[spec.name] = PipelineState(spec, self.baseline_size, self.history_size,
+                                                                   self.recent_runs)
             self.dirty.add(spec.name)
             self.forgotten.discard(spec.name)  # re-created after a delete: the checkpoint must keep it
         return state
@@ -374,14 +386,21 @@ class Pipelines:
         if state.seen.get(rec.run_id, 0) >= FINISHED:
             return "duplicate"
         self._remember(state, rec.run_id, FINISHED)
-        state.in_progress.pop(rec.run_id, None)
+        started = state.in_progress.pop(rec.run_id, None)
         state.arrived.pop(rec.run_id, None)
         undo = state.abandoned.pop(rec.run_id, None)
         if undo is not None:  # closed as abandoned, and here is its finish after all: it replaces the abandonment
             self._revert_abandonment(state, rec.run_id, undo)
+            state.recent.drop(rec.run_id, ABANDONED)
+            started = undo[0]
         self._tick(state, rec.finished_at, rec.received_at)
         throughput = _throughput(rec.records, rec.duration)
         self._count(state, rec.success, rec.duration, rec.records)
+        duration = NAN if rec.duration is None else rec.duration
+        if started is None:
+            started = rec.finished_at - duration  # NaN when the finish has no duration either
+        state.recent.add(rec.run_id, SUCCESS if rec.success else FAILURE, started, rec.finished_at, duration,
+                         NAN if rec.records is None else float(rec.records))
         # Out-of-order finishes count, but judging them or learning from them would judge history
         # against the future; baselines, streaks and the latest-run facts follow the runs in order.
         if rec.finished_at >= state.last_run_ts:
@@ -405,6 +424,7 @@ class Pipelines:
             state.last_run_records, state.last_run_throughput, state.last_success_ts, state.last_abandoned,
         )
         self._count(state, False, None, None)
+        state.recent.add(rec.run_id, ABANDONED, started, max(rec.at, started), NAN, NAN)
         if in_order:  # the latest run now; the baselines are left alone (the next run moves them as before)
             state.last_run_ts, state.last_run_success = at, False
             state.last_run_duration = state.last_run_records = state.last_run_throughput = NAN
