@@ -92,7 +92,8 @@ class HealthJudge:
         conditions: list[str] = []
         failures = state.consecutive_failures
         critical = False
-        if failures >= t(state, "failed_runs_low"):
+        low_at = max(t(state, "failed_runs_low"), self.schedule_class(facts.interval).failed_runs_low_at_least)
+        if failures >= low_at:
             conditions.append(FAILING)
             critical = failures >= t(state, "consecutive_failures_critical") or (
                 failures >= 2 and state.last_success_ts > 0
@@ -137,8 +138,10 @@ class HealthJudge:
         c = self.schedule_class(interval)
         found = []
         both = list(zip(judged.duration[:c.runs_high], judged.records[:c.runs_high], strict=True))
-        # records/s against the baseline's = records ratio / duration ratio; NaN compares false (no verdict)
-        if all(d.ratio > 0 and r.ratio / d.ratio < t(state, "throughput_ratio_high") for d, r in both):
+        # records/s against the baseline's = records ratio / duration ratio, each run slow beyond its noise;
+        # NaN compares false (no verdict)
+        if all(d.ratio > 0 and r.ratio / d.ratio < t(state, "throughput_ratio_high")
+               and d.zscore > t(state, "duration_zscore_medium") for d, r in both):
             found.append(THROUGHPUT_DROP)
         if all(r.zscore < -t(state, "volume_zscore_high") and r.ratio <= t(state, "volume_ratio_high")
                for _, r in both):
