@@ -33,6 +33,7 @@ pipelines:
   - {{match: orders_daily, team: data-eng}}
   - {{match: billing, team: finance, track_children: true}}
   - {{match: "reports.*", team: analytics}}
+  - {{match: "shop_*", team: analytics}}
 """
 
 
@@ -174,6 +175,17 @@ async def test_registered_children_are_pipelines_and_retries_are_not_failures(ex
     assert value(text, "pipeline_run_duration_seconds_sum", **publish) == pytest.approx(40, abs=0.01)
     # the DAG itself is unknown to the registry: accepted as unowned, as before
     assert value(text, "pipeline_runs_total", pipeline="reports", team="unowned", status="failure") == 1
+
+
+async def test_a_pattern_that_matches_the_root_does_not_opt_its_children_in(exporter):
+    client, ol = await exporter()
+    dag, task, now = rid(), rid(), time.time()
+    await ol.emit(event(RunState.START, dag, now - 30, "shop_daily"),
+                  event(RunState.START, task, now - 20, "shop_daily.load", ("shop_daily", dag)),
+                  event(RunState.COMPLETE, task, now - 15, "shop_daily.load", ("shop_daily", dag), rows=7),
+                  event(RunState.COMPLETE, dag, now - 10, "shop_daily"))
+    assert {n: p["team"] for n, p in (await pipelines(client)).items()} == {"shop_daily": "analytics"}
+    assert (await detail(client, "shop_daily"))["last_run"]["records"] == 7
 
 
 async def test_track_children_makes_a_roots_children_pipelines_of_its_team(exporter):

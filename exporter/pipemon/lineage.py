@@ -151,9 +151,13 @@ class LineageConverter:
         return self.folds.root_of(parent[2] if parent else run_id, (self._name(namespace, name), run_id))
 
     def tracked(self, child: str, root_pipeline: str) -> bool:
-        """Whether a child job is a pipeline of its own: the registry names it, or its root tracks children."""
+        """Whether a child job is a pipeline of its own: its root tracks children, or a registry entry other
+        than its root's names it (a pattern such as `orders_*` that matches a DAG does not opt in its tasks
+        `orders_daily.load`; `orders_daily.*` does)."""
         spec, root_spec = self.registry.lookup(child), self.registry.lookup(root_pipeline)
-        return (spec is not None and spec.registered) or (root_spec is not None and root_spec.track_children)
+        if root_spec is not None and root_spec.track_children:
+            return True
+        return spec is not None and spec.registered and (root_spec is None or spec.entry != root_spec.entry)
 
     def fold_child(self, root: RootKey, event: RunEvent) -> None:
         final = event.eventType == "FAIL" and not ol.will_retry(event.run.facets)

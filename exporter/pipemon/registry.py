@@ -137,6 +137,7 @@ class PipelineSpec:
     schedule: str | None = None
     schedule_grace_seconds: float = 900.0
     track_children: bool = False
+    entry: str = ""  # the `match` of the registry entry this spec comes from ("" for unknown pipelines)
 
 
 class RegistryError(ValueError):
@@ -209,6 +210,7 @@ class Registry:
             schedule=entry.schedule,
             schedule_grace_seconds=parse_duration(entry.schedule_grace or d.schedule_grace),
             track_children=entry.track_children,
+            entry=entry.match,
         )
 
     def default_spec(self, name: str, team: str = UNOWNED_TEAM) -> PipelineSpec:
