@@ -238,11 +238,17 @@ async def test_unknown_pipelines_ignore_answers_200_and_counts_them(exporter):
     assert value(text, "pipemon_events_ignored_total", reason="unknown_pipeline") == 1
     assert value(text, "pipemon_events_rejected_total", reason="unknown_pipeline") == 0
     assert list(await pipelines(client)) == ["orders_daily"]
+    # unlisted, but its owner is a team of the registry (Airflow's DAG owner): that team's pipeline
+    owned = await ol.answer(event(RunState.COMPLETE, rid(), now, "ml_features", owners=["airflow", "team:finance"]))
+    assert owned["status"] == "accepted"
+    assert (await pipelines(client))["ml_features"]["team"] == "finance"
     # a batch counts its ignored items apart
     body = b"\n".join(Serde.to_json(event(RunState.COMPLETE, rid(), now, n)).encode() for n in ("orders_daily", "x"))
     summary = await (await client.post("/api/v1/lineage", data=body,
                                        headers={"Content-Type": "application/x-ndjson"})).json()
     assert (summary["accepted"], summary["ignored"], summary["rejected"]) == (1, 1, 0)
+    assert value(await (await client.get("/metrics")).text(), "pipemon_events_ignored_total",
+                 reason="unknown_pipeline") == 2
 
 
 async def test_dag_duration_without_a_start_comes_from_the_dag_run_facet(exporter):

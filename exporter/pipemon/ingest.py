@@ -142,7 +142,9 @@ class Admission:
         elif spec is not None and spec.registered:
             team = spec.team
         elif spec is None and self.registry.ignores_unknown:
-            raise Ignored("unknown_pipeline")
+            if claimed is None or claimed not in self.registry.teams:
+                raise Ignored("unknown_pipeline")
+            team = claimed  # unlisted, but its producer names a team of the registry (an Airflow DAG owner)
         elif spec is None:
             raise Rejection(422, "unknown_pipeline", f"pipeline {pipeline!r} is not in the registry, and the"
                             " registry rejects unknown pipelines", "pipeline")

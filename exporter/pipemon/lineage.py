@@ -218,9 +218,12 @@ class LineageConverter:
     def team_hint(self, pipeline: str, event: RunEvent, root: RootKey | None) -> str | None:
         """The team the producer names (ownership facets, Airflow's DAG owner, dbt's output datasets; a tracked
         child: else its root's team), for a pipeline the registry does not list and pipemon has not seen yet;
-        None otherwise: the registry, or the team of the first event, decides."""
+        None otherwise: the registry, or the team of the first event, decides. With `unknown_pipelines: ignore`
+        an unlisted pipeline whose producer names a registry team is accepted as that team's."""
         spec = self.registry.lookup(pipeline)
-        if spec is None or spec.registered or self.pipelines.get(pipeline) is not None:
+        if spec is None and not self.registry.ignores_unknown:
+            return None  # rejected anyway
+        if (spec is not None and spec.registered) or self.pipelines.get(pipeline) is not None:
             return None
         names = ol.owner_names(event.job.facets, event.run.facets, [o.facets for o in event.outputs])
         team = ol.team_of_owners(names, self.registry.teams)
