@@ -19,8 +19,6 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).parent / "requirements"
 TOOLS = ("airflow", "dbt", "dagster")
-# Airflow 3.3 and dagster 1.13 both support 3.11, the version pipemon's own CI uses.
-PYTHON = os.environ.get("PIPEMON_TOOLS_PYTHON", sys.executable)
 
 
 def cache_root() -> Path:
@@ -29,7 +27,8 @@ def cache_root() -> Path:
 
 def venv_path(tool: str) -> Path:
     req = (REQUIREMENTS / f"{tool}.txt").read_bytes()
-    digest = hashlib.sha256(req + Path(PYTHON).name.encode()).hexdigest()[:12]
+    python = f"{sys.version_info.major}.{sys.version_info.minor}".encode()  # the venv is built by this Python
+    digest = hashlib.sha256(req + python).hexdigest()[:12]
     return cache_root() / f"{tool}-{digest}"
 
 
@@ -51,14 +50,22 @@ def ensure(tool: str) -> Path:
     started = time.monotonic()
     print(f"toolvenvs: building {path.name} (cold, a few minutes)", file=sys.stderr, flush=True)
     # The base interpreter, not this venv's: the tool venvs must not see pipemon's packages.
-    base = getattr(sys, "_base_executable", PYTHON)
+    base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(path)], check=True)
     pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-r", str(REQUIREMENTS / f"{tool}.txt")], check=True)
+    _pip([*pip, "--upgrade", "pip"])
+    _pip([*pip, "-r", str(REQUIREMENTS / f"{tool}.txt")])
     (path / ".complete").write_text(f"{time.monotonic() - started:.0f}s\n")
     print(f"toolvenvs: {path.name} built in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     return path
+
+
+def _pip(cmd: list[str]) -> None:
+    """Run pip; its output is shown only when it fails (a missing local index warns once per package)."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if "is ignored: it is neither" not in line]
+        raise SystemExit(f"toolvenvs: {' '.join(cmd[-2:])} failed:\n" + "\n".join(lines[-40:]))
 
 
 def main(argv: list[str]) -> int:
