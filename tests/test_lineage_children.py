@@ -220,11 +220,15 @@ async def test_grandchildren_without_a_root_facet_fold_into_the_root(exporter):
     invocation, model, statement, now = rid(), rid(), rid(), time.time()
     await ol.emit(event(RunState.START, invocation, now - 30, "orders_daily"),
                   event(RunState.START, model, now - 25, "model.shop.orders", ("orders_daily", invocation)))
-    nested = event(RunState.FAIL, statement, now - 20, "model.shop.orders.sql.1", ("model.shop.orders", model))
+    nested = event(RunState.FAIL, statement, now - 20, "model.shop.orders.sql.1", ("model.shop.orders", model),
+                   rows=5)
     nested.run.facets["parent"].root = None
     assert (await ol.answer(nested))["reason"] == "child_run"
-    await ol.emit(event(RunState.FAIL, invocation, now - 10, "orders_daily"))
-    assert (await detail(client, "orders_daily"))["last_run"]["failed_children"] == ["model.shop.orders.sql.1"]
+    await ol.emit(event(RunState.FAIL, model, now - 15, "model.shop.orders", ("orders_daily", invocation)),
+                  event(RunState.FAIL, invocation, now - 10, "orders_daily"))
+    last = (await detail(client, "orders_daily"))["last_run"]
+    assert last["failed_children"] == ["model.shop.orders"]  # the model is named, not its statement
+    assert last["records"] == 5  # the statement's rows reached the root through its parent
     assert list(await pipelines(client)) == ["orders_daily"]
 
 

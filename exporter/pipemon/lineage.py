@@ -160,7 +160,11 @@ class LineageConverter:
         return spec is not None and spec.registered and (root_spec is None or spec.entry != root_spec.entry)
 
     def fold_child(self, root: RootKey, event: RunEvent) -> None:
-        final = event.eventType == "FAIL" and not ol.will_retry(event.run.facets)
+        # Failed children are named only at the first level (an Airflow task, a dbt model): dbt's SQL statement
+        # jobs `model.x.sql.N` under a model would only repeat their model's failure, under varying names.
+        parent = ol.direct_parent(event.run.facets)
+        first_level = parent is None or parent[2] == root[1]
+        final = event.eventType == "FAIL" and first_level and not ol.will_retry(event.run.facets)
         rows = total_rows(event.outputs) if event.eventType in TERMINAL else None
         self.folds.child_event(root, event.job.name, event.run.runId, event.eventType, rows, final)
 
