@@ -55,7 +55,7 @@ async def test_replay_sends_lineage_and_native_files_once(aiohttp_client, config
     args = ["replay", "--url", url, "--quiet", str(lineage), str(native)]
     assert await asyncio.to_thread(main, args) == 1  # some lines were rejected
     first = capsys.readouterr().out
-    assert first.splitlines()[0] == "4 accepted, 0 duplicate, 2 ignored, 2 rejected", first
+    assert first.splitlines()[0] == "5 accepted, 0 duplicate, 2 ignored, 2 rejected", first
     assert "ignored: child_run: 1" in first and "ignored: unknown_pipeline: 1" in first
     assert "rejected: malformed: 1" in first and "rejected: future_timestamp: 1" in first
     detail = await (await client.get("/api/v1/pipelines/orders_daily")).json()
@@ -65,7 +65,7 @@ async def test_replay_sends_lineage_and_native_files_once(aiohttp_client, config
     # Again: nothing counts twice.
     before = await (await client.get("/metrics")).text()
     assert await asyncio.to_thread(main, args) == 1
-    assert capsys.readouterr().out.splitlines()[0] == "0 accepted, 4 duplicate, 2 ignored, 2 rejected"
+    assert capsys.readouterr().out.splitlines()[0] == "0 accepted, 5 duplicate, 2 ignored, 2 rejected"
     after = await (await client.get("/metrics")).text()
     for name, labels in (("pipeline_runs_total", {"pipeline": "orders_daily", "team": "data-eng",
                                                   "status": "success"}),
