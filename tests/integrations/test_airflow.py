@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,3 +139,19 @@ def test_nothing_rejected_and_child_events_counted_as_ignored(airflow):
     assert ignored["child_run"] == len(children) > 0
     received = airflow.exporter.metrics()[("pipemon_events_received_total", frozenset({("endpoint", "lineage")}))]
     assert received == len(events)  # the file copy and the HTTP transport saw the same events
+
+
+def test_replaying_the_composite_transports_file_gives_the_same_pipelines(airflow, tmp_path):
+    """What the file half of the composite transport kept, replayed into a pipemon that saw nothing."""
+    with pipemon(tmp_path) as fresh:
+        done = subprocess.run([sys.executable, "-m", "pipemon.cli", "replay", "--url", fresh.url, "--quiet",
+                               str(airflow.events)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outcome = {n: (p["team"], p["runs_success"], p["runs_failure"], p["runs_in_progress"])
+                   for n, p in fresh.pipelines().items()}
+        assert outcome == {n: (p["team"], p["runs_success"], p["runs_failure"], p["runs_in_progress"])
+                           for n, p in airflow.exporter.pipelines().items()}
+        assert fresh.pipeline("af_success")["last_run"]["records"] == 1234
+        again = subprocess.run([sys.executable, "-m", "pipemon.cli", "replay", "--url", fresh.url, "--quiet",
+                                str(airflow.events)], capture_output=True, text=True, timeout=120)
+        assert " 0 accepted" in " " + again.stdout.splitlines()[0]  # all duplicate or ignored: idempotent
