@@ -290,3 +290,13 @@ async def test_failed_children_survive_a_restart(aiohttp_client, config, tmp_pat
     await client.close()
     client = await aiohttp_client(create_app(cfg))
     assert (await detail(client, "orders_daily"))["last_run"]["failed_children"] == ["orders_daily.load"]
+
+
+def test_the_documented_orchestrators_registry_is_valid_and_shown_verbatim():
+    from pipemon.registry import load_registry
+    from tests.integrations.common import REGISTRY as DOCUMENTED
+
+    registry = load_registry(DOCUMENTED)
+    assert registry.ignores_unknown
+    docs = (DOCUMENTED.parents[1] / "integrations.md").read_text()
+    assert DOCUMENTED.read_text() in docs
