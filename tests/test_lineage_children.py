@@ -300,3 +300,19 @@ def test_the_documented_orchestrators_registry_is_valid_and_shown_verbatim():
     assert registry.ignores_unknown
     docs = (DOCUMENTED.parents[1] / "integrations.md").read_text()
     assert DOCUMENTED.read_text() in docs
+
+
+async def test_a_refused_child_start_leaves_nothing_to_close(aiohttp_client, config, tmp_path):
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(REGISTRY.format(unknown="accept"))
+    app = create_app(dataclasses.replace(config, registry=registry, max_pipelines=3))  # 2 registered + the DAG
+    client = await aiohttp_client(app)
+    ol = Lineage(str(client.make_url("/")))
+    dag, task, now = rid(), rid(), time.time()
+    await ol.emit(event(RunState.START, dag, now - 30, "reports"))
+    refused = await (await client.post("/api/v1/lineage", data=Serde.to_json(
+        event(RunState.START, task, now - 20, "reports.build", ("reports", dag))))).json()
+    assert refused["error"]["reason"] == "pipeline_cap"
+    await ol.emit(event(RunState.FAIL, dag, now - 10, "reports"))
+    assert "reports.build" not in await pipelines(client)
+    assert (await pipelines(client))["reports"]["runs_failure"] == 1

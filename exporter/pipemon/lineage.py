@@ -192,8 +192,14 @@ class LineageConverter:
         if fold is None or not fold.tracked:
             return finish
         closed = tuple(Finish(child, child_run, success, at, max(0.0, at - started), None, None, received(at, now))
-                       for (child, child_run), started in fold.tracked.items())
+                       for (child, child_run), started in fold.tracked.items() if self.in_progress(child, child_run))
         return finish, *closed
+
+    def in_progress(self, pipeline: str, run_id: str) -> bool:
+        """Whether a run is in progress (stored, or started earlier in this request): only such a child is closed
+        with its root (a START that was refused left nothing to close)."""
+        state = self.pipelines.get(pipeline)
+        return (pipeline, run_id) in self._batch_starts or (state is not None and run_id in state.in_progress)
 
     def pipeline_name(self, job: Job) -> str:
         return self._name(job.namespace, job.name)
