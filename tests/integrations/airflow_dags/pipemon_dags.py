@@ -1,6 +1,6 @@
 """DAGs for tests/integrations/test_airflow.py, each run once by the scheduler (`@once`): one that succeeds (row
 counts through the operator's own OpenLineage method), one that fails, one retried to success, one whose task is
-SIGKILLed, one with mapped tasks."""
+SIGKILLed, one with mapped tasks; and one the test runs with `airflow dags test`."""
 
 import os
 import signal
@@ -79,8 +79,15 @@ def af_mapped():
     square.expand(x=[1, 2, 3])
 
 
+@dag(schedule=None, start_date=START, catchup=False, default_args=OWNER)
+def af_dags_test():
+    """Never scheduled: the test runs it with `airflow dags test`, which sends no DAG-level START."""
+    LoadRows(task_id="load", rows=5)
+
+
 af_success()
 af_fail()
 af_retry()
 af_killed()
 af_mapped()
+af_dags_test()
