@@ -6,11 +6,14 @@ One Airflow for the whole module (starting it is most of the cost); the tests re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,9 +36,18 @@ class AirflowRun:
             return dict(db.execute("select dag_id, state from dag_run"))
 
 
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory) -> AirflowRun:
-    tmp = tmp_path_factory.mktemp("airflow")
+EXPECTED_DAG_RUNS = {"af_success": "success", "af_fail": "failed", "af_retry": "success", "af_killed": "failed",
+                     "af_mapped": "success", "af_dags_test": "success"}
+
+
+class AirflowFlake(Exception):
+    """Airflow itself did not do what the DAGs say (a task that could not reach the execution API on a loaded
+    machine fails before it runs): nothing about pipemon is known yet."""
+
+
+@contextlib.contextmanager
+def scenario(tmp: Path) -> Iterator[AirflowRun]:
+    """Airflow's api-server, DAG processor and scheduler run every DAG once, then `airflow dags test` one more."""
     home, events = tmp / "home", tmp / "openlineage.ndjson"
     home.mkdir()
     with pipemon(tmp) as exporter:
@@ -46,7 +58,7 @@ def airflow(tmp_path_factory) -> AirflowRun:
         env = tool_env(
             "airflow", AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
             AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-            AIRFLOW__CORE__PARALLELISM="4", AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+            AIRFLOW__CORE__PARALLELISM="2", AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
             AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(api_port),
@@ -54,6 +66,9 @@ def airflow(tmp_path_factory) -> AirflowRun:
             AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1", AIRFLOW__OPENLINEAGE__NAMESPACE=NAMESPACE,
             AIRFLOW__OPENLINEAGE__TRANSPORT=json.dumps(transport), AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
             AIRFLOW__CORE__MP_START_METHOD="fork",
+            # A loaded 2-core machine: the task runner's calls to the execution API may take longer than the
+            # default 5 s, and a task that cannot reach it fails before it ran (seen here with parallelism 4).
+            AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60", AIRFLOW__WORKERS__EXECUTION_API_RETRIES="10",
         )
         subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
         with (process_group(["airflow", "api-server", "--port", str(api_port)], tmp / "api-server.log", env),
@@ -71,17 +86,34 @@ def airflow(tmp_path_factory) -> AirflowRun:
                 return len(states) >= len(DAG_IDS) and all(s in ("success", "failed") for s in states.values())
 
             wait_until(all_finished, 300, "every DAG run to finish", every=2, diagnose=diagnose)
-            finished = {p for p, s in exporter.pipelines().items() if s["runs_success"] + s["runs_failure"]}
-            wait_until(lambda: set(DAG_IDS) <= set(exporter.pipelines()) and all(
-                exporter.pipelines()[d]["runs_success"] + exporter.pipelines()[d]["runs_failure"] for d in DAG_IDS),
-                30, f"pipemon to see every DAG's terminal event (has {finished})", diagnose=diagnose)
             # `airflow dags test` runs a DAG in-process, without the scheduler: no DAG-level START is sent.
             done = subprocess.run(["airflow", "dags", "test", "af_dags_test"], env=env, capture_output=True,
                                   text=True, timeout=300)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            wait_until(lambda: "af_dags_test" in exporter.pipelines(), 30, "the `dags test` run", diagnose=diagnose)
+            if done.returncode != 0 or run.dag_runs() != EXPECTED_DAG_RUNS:
+                raise AirflowFlake(f"dag runs {run.dag_runs()}; `dags test` exit {done.returncode}:"
+                                   f" {done.stderr[-1500:]}")
+            names = (*DAG_IDS, "af_dags_test")
+            wait_until(lambda: all(sum(exporter.pipelines().get(d, {}).get(k, 0) for k in ("runs_success",
+                                                                                         "runs_failure"))
+                                   for d in names), 30, "pipemon to see every DAG's terminal event",
+                       diagnose=diagnose)
             time.sleep(2)  # late task events, if any, would arrive now
             yield run
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory) -> Iterator[AirflowRun]:
+    """The scenario; run again once when Airflow itself failed (never when pipemon's answer is wrong: the tests
+    judge that, on what the successful attempt left)."""
+    for attempt in (1, 2):
+        try:
+            with scenario(tmp_path_factory.mktemp(f"airflow{attempt}")) as run:
+                yield run
+                return
+        except AirflowFlake as flake:
+            if attempt == 2:
+                raise
+            warnings.warn(f"Airflow failed on its own, running the scenario again: {flake}", stacklevel=1)
 
 
 def test_one_pipeline_per_dag_with_its_owner_and_status(airflow):
