@@ -7,7 +7,7 @@ BIN         := $(VENV)/bin
 APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk postgresql chromium chromium-driver
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages run run-ha serve test test-quick lint bench render clean
+.PHONY: install system-packages tool-venvs run run-ha serve test test-quick lint bench render clean
 
 install: system-packages $(VENV)/.installed
 
@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,fast]'
 	touch $@
 
+# Airflow, dbt and Dagster for tests/integrations, each in its own virtualenv cached outside the checkout
+# (~/.cache/pipemon/venvs, keyed by a hash of tests/integrations/requirements/*.txt): cold ~1.5 min, then ~0 s.
+tool-venvs: install
+	$(BIN)/python tests/integrations/toolvenvs.py
+
 run: install
 	$(BIN)/pipemon stack --demo
 
@@ -37,11 +42,11 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint tool-venvs
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-quick: install
-	$(BIN)/pytest -q -m 'not slow and not fault'
+	$(BIN)/pytest -q -m 'not slow and not fault and not integration'
 
 bench: install
 	$(BIN)/python bench/bench.py

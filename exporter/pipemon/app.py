@@ -14,12 +14,22 @@ from aiohttp import web
 from pipemon.auth import Principal, Tokens
 from pipemon.backends import StorageError, open_backend
 from pipemon.config import ServeConfig
-from pipemon.events import Finish, Forget, RunFinished, RunStarted, Start, finished_record, started_record
+from pipemon.events import (
+    Finish,
+    Forget,
+    Record,
+    RunFinished,
+    RunStarted,
+    Start,
+    finished_record,
+    started_record,
+)
 from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
 from pipemon.health import HealthJudge
-from pipemon.ingest import Admission, Rejection, decode_batch, decode_item, split_items, to_record
+from pipemon.ingest import Admission, Ignored, Rejection, decode_batch, decode_item, split_items, to_record
 from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
+from pipemon.openlineage.folding import Folds
 from pipemon.recorder import Recorder, RecorderSettings
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
@@ -36,8 +46,9 @@ EXPORTER_KEY = web.AppKey("exporter", "Exporter")
 EMPTY_REGISTRY = "teams: {}\n"
 MAX_SHARD_RENDERERS = 64
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
-# Wire event -> record; None means "valid, nothing to record".
-Converter = Callable[[Any], Start | Finish | None]
+# Wire event -> record; None means "valid, nothing to record"; a tuple is the event's record followed by records
+# it implies (child runs closed with their root run). Raises Ignored for an event left aside on purpose.
+Converter = Callable[[Any], Record | tuple[Record, ...] | None]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -63,6 +74,7 @@ class Exporter:
         storage = open_backend(config.state or config.state_dir, config.storage_sync)
         self.recorder = Recorder(self.load_registry(), storage, self.metrics, settings, clock)
         self.renderer = MetricsRenderer(lambda: self.recorder.pipelines, self.metrics.registry)
+        self.folds = Folds()  # OpenLineage child runs, folded into their root runs in progress
         self._shard_renderers: dict[tuple[int, int], MetricsRenderer] = {}
 
     def renderer_for(self, shard: tuple[int, int] | None) -> MetricsRenderer:
@@ -130,7 +142,7 @@ class Exporter:
         if not batch:
             result = results[0]
             return json_response(result, result.get("code", 200))
-        summary = dict.fromkeys(("accepted", "duplicate", "rejected"), 0)
+        summary = dict.fromkeys(("accepted", "duplicate", "ignored", "rejected"), 0)
         for result in results:
             summary[result["status"]] += 1
         return json_response({**summary, "results": results})
@@ -139,27 +151,38 @@ class Exporter:
                             principal: Principal | None) -> list[dict[str, Any]] | Rejection:
         admission = Admission(self.registry, self.recorder.pipelines, principal, self.config.max_pipelines)
         results: list[dict[str, Any]] = []
-        records: list[Start | Finish] = []
-        slots: list[int] = []
+        records: list[Record] = []
+        slots: list[int | None] = []  # the result each record answers (None: implied by another event)
         decoded = decode_batch(items, wire_type) if len(items) > 1 else None
         for index, raw in enumerate(items):
             try:
                 event = decode_item(raw, wire_type) if decoded is None else decoded[index]
-                record = to_record(event, convert)
-                if record is None:  # valid, and nothing to record (OpenLineage RUNNING/OTHER)
+                produced = to_record(event, convert)
+                if produced is None:  # valid, and nothing to record (OpenLineage RUNNING/OTHER)
                     results.append({"status": "accepted"})
                     continue
-                team = admission.team_of(record.pipeline, record.team)
+                record, *implied = produced if isinstance(produced, tuple) else (produced,)
+                team = admission.team_of(record.pipeline, getattr(record, "team", None))
                 admission.admit(record.pipeline, isinstance(record, Start))
             except Rejection as rejection:
                 self.metrics.reject(rejection.reason)
                 results.append(rejection.body())
                 continue
+            except Ignored as ignored:
+                self.metrics.ignored.labels(ignored.reason).inc()
+                results.append(ignored.body())
+                continue
             result = {"status": "duplicate", "pipeline": record.pipeline, "run_id": record.run_id}
             results.append(result)
             if not admission.is_retry(record):
-                records.append(record if record.team == team else msgspec.structs.replace(record, team=team))
+                if getattr(record, "team", team) != team:
+                    record = msgspec.structs.replace(record, team=team)
+                records.append(record)
                 slots.append(len(results) - 1)
+            for extra in implied:  # children tracked as pipelines, closed with their root: known pipelines
+                if not admission.is_retry(extra):
+                    records.append(extra)
+                    slots.append(None)
         if records:
             try:
                 outcomes = await self.recorder.submit(records)
@@ -168,7 +191,8 @@ class Exporter:
                 return Rejection(503, "storage_unavailable", "pipemon cannot store events right now; nothing"
                                  " of this request was kept: retry later")
             for slot, outcome in zip(slots, outcomes, strict=True):
-                results[slot]["status"] = outcome
+                if slot is not None:
+                    results[slot]["status"] = outcome
         self.metrics.duplicates.inc(sum(1 for r in results if r["status"] == "duplicate"))
         return results
 
@@ -181,7 +205,7 @@ class Exporter:
     def lineage_converter(self) -> LineageConverter:
         """A converter for the OpenLineage events of one request."""
         return LineageConverter(self.registry, self.recorder.pipelines, self.config.lineage_pipeline_name,
-                                self.clock, self.config.max_clock_skew)
+                                self.clock, self.config.max_clock_skew, self.folds)
 
 
 # ---- handlers ----------------------------------------------------------------------------------------
@@ -269,7 +293,8 @@ async def get_pipeline(request: web.Request) -> web.Response:
         "thresholds": state.spec.thresholds, "in_progress": state.in_progress,
         "last_run": {"duration_seconds": _finite(state.last_run_duration),
                      "records": _finite(state.last_run_records),
-                     "throughput_records_per_second": _finite(state.last_run_throughput)},
+                     "throughput_records_per_second": _finite(state.last_run_throughput),
+                     "failed_children": state.last_run_failed_children},
         "recent_runs_success_ratio": {str(n): _finite(state.success_ratio(n)) for n in SUCCESS_WINDOWS},
         "baseline": {
             "history": len(state.history),

@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "render-alertmanager": ("pipemon.alertmanager_render", "render alertmanager.yml from the registry"),
     "stack": ("pipemon.stack", "run exporter, Prometheus and two Alertmanagers locally"),
     "run": ("pipemon.wrapper", "run a command and report it as a pipeline run"),
+    "replay": ("pipemon.replay", "send NDJSON files of OpenLineage or native events (kept while pipemon was down)"),
     "hash-token": ("pipemon.auth", "print the hash of a token, for the tokens file"),
 }
 

@@ -101,6 +101,7 @@ class Finish(msgspec.Struct, array_like=True, tag="f", frozen=True):
     records: int | None
     team: str | None = None  # for pipelines the registry does not know: the team the event names
     received_at: float | None = None  # when it arrived, if later than its own time (see `received`)
+    failed_children: tuple[str, ...] = ()  # OpenLineage: child jobs of this run that failed for good
 
 
 class Start(msgspec.Struct, array_like=True, tag="s", frozen=True):
@@ -120,13 +121,22 @@ class Abandon(msgspec.Struct, array_like=True, tag="a", frozen=True):
     at: float
 
 
+class Discard(msgspec.Struct, array_like=True, tag="d", frozen=True):
+    """A run that ended without an outcome of its own: an Airflow task try that will be retried, a child job
+    skipped (OpenLineage ABORT). It leaves the runs in progress and counts neither as success nor as failure."""
+
+    pipeline: str
+    run_id: str
+    at: float
+
+
 class Forget(msgspec.Struct, array_like=True, tag="x", frozen=True):
     """An admin removed a pipeline's state."""
 
     pipeline: str
 
 
-Record = Finish | Start | Abandon | Forget
+Record = Finish | Start | Abandon | Discard | Forget
 RECORD_ENCODER = msgspec.msgpack.Encoder()
 RECORD_DECODER = msgspec.msgpack.Decoder(Record)
 LATE_AFTER = 1.0  # seconds: a record that arrives later than this after its own time carries its arrival

@@ -39,6 +39,18 @@ class Rejection(Exception):
         return {"status": "rejected", "code": self.status, "error": error}
 
 
+class Ignored(Exception):
+    """A valid event pipemon leaves aside on purpose (a child run folded into its root, an unknown pipeline the
+    registry ignores): answered 200 `ignored`, counted in pipemon_events_ignored_total{reason}."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def body(self) -> dict[str, Any]:
+        return {"status": "ignored", "reason": self.reason}
+
+
 def split_items(body: bytes, ndjson: bool) -> tuple[list[bytes | msgspec.Raw], bool]:
     """The items of a body and whether it was a batch: one JSON object, a JSON array, or NDJSON lines."""
     if ndjson:
@@ -104,7 +116,7 @@ class Admission:
         self.max_pipelines = max_pipelines
         self._new: set[str] = set()
         self._starts: Counter[str] = Counter()  # starts admitted in this request, per pipeline
-        self._teams: dict[tuple[str, str | None], str | Rejection] = {}
+        self._teams: dict[tuple[str, str | None], str | Rejection | Ignored] = {}
 
     def team_of(self, pipeline: str, claimed: str | None) -> str:
         """The owning team of a pipeline, as the registry (or the first event) says; rejects the others.
@@ -115,10 +127,10 @@ class Admission:
         if known is None:
             try:
                 known = self._team_of(pipeline, claimed)
-            except Rejection as rejection:
+            except (Rejection, Ignored) as rejection:
                 known = rejection
             self._teams[key] = known
-        if isinstance(known, Rejection):
+        if isinstance(known, Rejection | Ignored):
             raise known
         return known
 
@@ -129,6 +141,10 @@ class Admission:
             team = state.team
         elif spec is not None and spec.registered:
             team = spec.team
+        elif spec is None and self.registry.ignores_unknown:
+            if claimed is None or claimed not in self.registry.teams:
+                raise Ignored("unknown_pipeline")
+            team = claimed  # unlisted, but its producer names a team of the registry (an Airflow DAG owner)
         elif spec is None:
             raise Rejection(422, "unknown_pipeline", f"pipeline {pipeline!r} is not in the registry, and the"
                             " registry rejects unknown pipelines", "pipeline")

@@ -1,11 +1,22 @@
 """OpenLineage `RunEvent`s (`POST /api/v1/lineage`): the wire format, and their translation into run records.
 
-Only the fields pipemon uses are declared; OpenLineage events carry many more facets, which are ignored.
+Only the fields pipemon uses are declared; OpenLineage events carry many more facets, which are ignored (the
+facets read beyond the core are decoded leniently in `pipemon.openlineage.facets`).
+
+A pipeline is a root run. An event whose `run.facets.parent` names a parent run in the same namespace is a
+child run (an Airflow task, a dbt model, a Dagster step): it is folded into its root run (`pipemon.openlineage.
+folding`) and answered `ignored` (reason `child_run`), unless the registry opts the child job in (an entry that
+matches its name, or `track_children: true` on the root's). A child whose parent lives in another namespace (dbt-ol
+started by an Airflow task) is a root.
+
 START becomes a `Start`; COMPLETE a successful `Finish`; FAIL and ABORT a failed one; RUNNING and OTHER are
-acknowledged and change nothing. The duration is the terminal event's `eventTime` minus the START's, taken
-from the run in progress (or from a START earlier in the same request); without a START the run still counts,
-without a duration sample. Deduplication is the state's: one start and one finish per (pipeline, run id), so a
-repeated event, a START after the run finished, or a second terminal event (COMPLETE then FAIL) are duplicates.
+acknowledged and change nothing. A tracked child's FAIL that Airflow will retry, and its ABORT (a skipped dbt
+model), become a `Discard`: out of the runs in progress, no outcome. The duration is the terminal event's
+`eventTime` minus the START's, taken from the run in progress (or from a START earlier in the same request), else
+from the terminal event's facets (Airflow's DAG run start date or duration, a task instance's duration); without
+either the run still counts, without a duration sample. Deduplication is the state's: one start and one finish per
+(pipeline, run id), so a repeated event, a START after the run finished, or a second terminal event (COMPLETE then
+FAIL) are duplicates.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import msgspec
 
 from pipemon.events import (
     MAX_RECORDS,
+    Discard,
     Finish,
     InvalidEvent,
     PipelineName,
@@ -29,38 +41,29 @@ from pipemon.events import (
     _epoch,
     received,
 )
+from pipemon.ingest import Ignored
+from pipemon.openlineage import facets as ol
+from pipemon.openlineage.folding import Folds, RootKey
 from pipemon.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Registry
 from pipemon.state import Pipelines
 
 log = logging.getLogger("pipemon.lineage")
 DEFAULT_NAME_TEMPLATE = "{name}"
-TEAM_PREFIX = "team:"
 Namespace = Annotated[str, msgspec.Meta(min_length=1, max_length=PIPELINE_NAME_MAX, pattern=PIPELINE_NAME_PATTERN)]
 
 
 # ---- wire format: the subset of the OpenLineage RunEvent that pipemon reads (camelCase as on the wire) ---
 
 
-class Owner(msgspec.Struct):
-    name: str
-
-
-class OwnershipFacet(msgspec.Struct):
-    owners: list[Owner] = []
-
-
-class JobFacets(msgspec.Struct):
-    ownership: OwnershipFacet | None = None
-
-
 class Job(msgspec.Struct):
     namespace: Namespace
     name: PipelineName
-    facets: JobFacets | None = None
+    facets: ol.RawFacets | None = None  # ownership (Airflow's DAG owner lands here too)
 
 
 class Run(msgspec.Struct):
     runId: RunId
+    facets: ol.RawFacets | None = None  # parent, airflowDagRun, airflow
 
 
 class OutputStatistics(msgspec.Struct):
@@ -73,6 +76,7 @@ class OutputFacets(msgspec.Struct):
 
 class OutputDataset(msgspec.Struct):
     outputFacets: OutputFacets | None = None
+    facets: ol.RawFacets | None = None  # ownership (dbt `meta.owner`)
 
 
 class RunEvent(msgspec.Struct):
@@ -102,61 +106,141 @@ def check_name_template(template: str) -> str:
 
 class LineageConverter:
     """Turns the RunEvents of one request into records. One instance per request: it remembers the STARTs
-    seen earlier in the same batch, which are not in the state yet."""
+    seen earlier in the same batch, which are not in the state yet. `folds` outlives requests."""
 
     def __init__(self, registry: Registry, pipelines: Pipelines, template: str, now: Callable[[], float],
-                 max_skew: float) -> None:
+                 max_skew: float, folds: Folds | None = None) -> None:
         self.registry = registry
         self.pipelines = pipelines
         self.template = template
         self.now = now
         self.max_skew = max_skew
+        self.folds = folds if folds is not None else Folds()
         self._batch_starts: dict[tuple[str, str], float] = {}
 
-    def __call__(self, event: RunEvent) -> Start | Finish | None:
+    def __call__(self, event: RunEvent) -> Start | Finish | Discard | tuple[Finish, ...] | None:
         pipeline = self.pipeline_name(event.job)
         now = self.now()
         at = _epoch(event.eventTime, "eventTime", now, self.max_skew)
         run_id = event.run.runId
+        root = self.root_of(event)
+        if root is not None:
+            self.fold_child(root, event)
+            if not self.tracked(pipeline, root[0]):
+                raise Ignored("child_run")
         if event.eventType == "START":
             self._batch_starts.setdefault((pipeline, run_id), at)
-            return Start(pipeline, run_id, at, self.team_hint(pipeline, event.job), received(at, now))
+            if root is not None:
+                self.folds.track(root, pipeline, run_id, at)
+            return Start(pipeline, run_id, at, self.team_hint(pipeline, event, root), received(at, now))
         if event.eventType not in TERMINAL:
             return None
-        return Finish(pipeline, run_id, TERMINAL[event.eventType], at, self.duration(pipeline, run_id, at),
-                      total_rows(event.outputs), self.team_hint(pipeline, event.job), received(at, now))
+        if root is not None:
+            return self.child_finish(pipeline, root, event, at, now)
+        return self.root_finish(pipeline, event, at, now)
+
+    def root_of(self, event: RunEvent) -> RootKey | None:
+        """(root pipeline, root run id) of a child run of this system; None for a root run."""
+        top = ol.parent_of(event.run.facets)
+        if top is None:
+            return None
+        namespace, name, run_id = top
+        if namespace != event.job.namespace:
+            return None  # started by another system (dbt-ol in an Airflow task): a pipeline of its own
+        parent = ol.direct_parent(event.run.facets)
+        return self.folds.root_of(parent[2] if parent else run_id, (self._name(namespace, name), run_id))
+
+    def tracked(self, child: str, root_pipeline: str) -> bool:
+        """Whether a child job is a pipeline of its own: its root tracks children, or a registry entry other
+        than its root's names it (a pattern such as `orders_*` that matches a DAG does not opt in its tasks
+        `orders_daily.load`; `orders_daily.*` does)."""
+        spec, root_spec = self.registry.lookup(child), self.registry.lookup(root_pipeline)
+        if root_spec is not None and root_spec.track_children:
+            return True
+        return spec is not None and spec.registered and (root_spec is None or spec.entry != root_spec.entry)
+
+    def fold_child(self, root: RootKey, event: RunEvent) -> None:
+        # Failed children are named only at the first level (an Airflow task, a dbt model): dbt's SQL statement
+        # jobs `model.x.sql.N` under a model would only repeat their model's failure, under varying names.
+        parent = ol.direct_parent(event.run.facets)
+        first_level = parent is None or parent[2] == root[1]
+        final = event.eventType == "FAIL" and first_level and not ol.will_retry(event.run.facets)
+        rows = total_rows(event.outputs) if event.eventType in TERMINAL else None
+        self.folds.child_event(root, event.job.name, event.run.runId, event.eventType, rows, final)
+
+    def child_finish(self, pipeline: str, root: RootKey, event: RunEvent, at: float,
+                     now: float) -> Finish | Discard:
+        """A tracked child's terminal event: a try Airflow retries and a skipped child have no outcome."""
+        run_id = event.run.runId
+        self.folds.untrack(root, pipeline, run_id)
+        if event.eventType == "ABORT" or (event.eventType == "FAIL" and ol.will_retry(event.run.facets)):
+            return Discard(pipeline, run_id, at)
+        return Finish(pipeline, run_id, TERMINAL[event.eventType], at, self.duration(pipeline, event, at),
+                      total_rows(event.outputs), self.team_hint(pipeline, event, root), received(at, now))
+
+    def root_finish(self, pipeline: str, event: RunEvent, at: float, now: float) -> Finish | tuple[Finish, ...]:
+        """A root run's terminal event, with what its children said; tracked children still in progress are
+        closed with it (a task killed by SIGKILL never sends its own terminal event)."""
+        success = TERMINAL[event.eventType]
+        fold = self.folds.close((pipeline, event.run.runId))
+        records = total_rows(event.outputs)
+        if fold is not None and fold.records is not None:
+            records = min(MAX_RECORDS, (records or 0) + fold.records)
+        failed = tuple(fold.failed) if fold is not None else ()
+        finish = Finish(pipeline, event.run.runId, success, at, self.duration(pipeline, event, at), records,
+                        self.team_hint(pipeline, event, None), received(at, now), failed)
+        if fold is None or not fold.tracked:
+            return finish
+        closed = tuple(Finish(child, child_run, success, at, max(0.0, at - started), None, None, received(at, now))
+                       for (child, child_run), started in fold.tracked.items() if self.in_progress(child, child_run))
+        return finish, *closed
+
+    def in_progress(self, pipeline: str, run_id: str) -> bool:
+        """Whether a run is in progress (stored, or started earlier in this request): only such a child is closed
+        with its root (a START that was refused left nothing to close)."""
+        state = self.pipelines.get(pipeline)
+        return (pipeline, run_id) in self._batch_starts or (state is not None and run_id in state.in_progress)
 
     def pipeline_name(self, job: Job) -> str:
-        name = self.template.format(namespace=job.namespace, name=job.name)
+        return self._name(job.namespace, job.name)
+
+    def _name(self, namespace: str, name: str) -> str:
+        name = self.template.format(namespace=namespace, name=name)
         if len(name) > PIPELINE_NAME_MAX:
             raise InvalidEvent("job.name", f"the pipeline name {name[:40]!r}… is longer than {PIPELINE_NAME_MAX}")
         return name
 
-    def duration(self, pipeline: str, run_id: str, finished: float) -> float | None:
+    def duration(self, pipeline: str, event: RunEvent, finished: float) -> float | None:
+        run_id = event.run.runId
         started = self._batch_starts.get((pipeline, run_id))
         if started is None:
             state = self.pipelines.get(pipeline)
             started = state.run_start(run_id) if state is not None else None
+        if started is None:  # START lost, late, or never sent (`airflow dags test`): the producer's facets
+            started = ol.started_at(event.run.facets, finished)
         if started is None:
-            return None  # START lost or late: the run counts, without a duration sample
+            return None  # the run counts, without a duration sample
         if started > finished:
             log.warning("run %s of %s: terminal eventTime before START; no duration recorded", run_id, pipeline)
             return None
         return finished - started
 
-    def team_hint(self, pipeline: str, job: Job) -> str | None:
-        """The team the ownership facet names, for a pipeline the registry does not list and pipemon has not
-        seen yet; None otherwise (the registry, or the team of the first event, decides)."""
+    def team_hint(self, pipeline: str, event: RunEvent, root: RootKey | None) -> str | None:
+        """The team the producer names (ownership facets, Airflow's DAG owner, dbt's output datasets; a tracked
+        child: else its root's team), for a pipeline the registry does not list and pipemon has not seen yet;
+        None otherwise: the registry, or the team of the first event, decides. With `unknown_pipelines: ignore`
+        an unlisted pipeline whose producer names a registry team is accepted as that team's."""
         spec = self.registry.lookup(pipeline)
-        if spec is None or spec.registered or self.pipelines.get(pipeline) is not None:
+        if spec is None and not self.registry.ignores_unknown:
+            return None  # rejected anyway
+        if (spec is not None and spec.registered) or self.pipelines.get(pipeline) is not None:
             return None
-        facets = job.facets
-        owners = facets.ownership.owners if facets is not None and facets.ownership is not None else []
-        for owner in owners:
-            team = owner.name.removeprefix(TEAM_PREFIX)
-            if owner.name.startswith(TEAM_PREFIX) and team in self.registry.teams:
-                return team
-        return None
+        names = ol.owner_names(event.job.facets, event.run.facets, [o.facets for o in event.outputs])
+        team = ol.team_of_owners(names, self.registry.teams)
+        if team is None and root is not None:
+            root_state = self.pipelines.get(root[0])
+            team = root_state.team if root_state is not None and root_state.team in self.registry.teams else None
+        return team
 
 
 def total_rows(outputs: list[OutputDataset]) -> int | None:

@@ -24,14 +24,16 @@ _ERROR = {
 _RESULT = {
     "type": "object",
     "required": ["status"],
-    "properties": {"status": {"enum": ["accepted", "duplicate"]}, "pipeline": {"type": "string"},
-                   "run_id": {"type": "string"}},
+    "properties": {"status": {"enum": ["accepted", "duplicate", "ignored"]}, "pipeline": {"type": "string"},
+                   "run_id": {"type": "string"},
+                   "reason": {"type": "string", "description": "why an event was ignored: child_run (an"
+                              " OpenLineage child run, folded into its root run), unknown_pipeline"}},
 }
 _BATCH_RESULT = {
     "type": "object",
-    "required": ["accepted", "duplicate", "rejected", "results"],
+    "required": ["accepted", "duplicate", "ignored", "rejected", "results"],
     "properties": {"accepted": {"type": "integer"}, "duplicate": {"type": "integer"},
-                   "rejected": {"type": "integer"},
+                   "ignored": {"type": "integer"}, "rejected": {"type": "integer"},
                    "results": {"type": "array", "items": {"oneOf": [{"$ref": "#/components/schemas/Result"},
                                                                     {"$ref": "#/components/schemas/Error"}]}}},
 }
@@ -48,8 +50,8 @@ def _ingest_operation(summary: str, schema: str) -> dict[str, Any]:
             "application/x-ndjson": {"schema": {"type": "string"}},
         }},
         "responses": {
-            "200": {"description": "Single event: accepted or duplicate (a retry, not counted again). Batch: a"
-                    " result per item, in order.",
+            "200": {"description": "Single event: accepted, duplicate (a retry, not counted again) or ignored"
+                    " (left aside on purpose; `reason` says why). Batch: a result per item, in order.",
                     "content": {"application/json": {"schema": {"oneOf": [
                         {"$ref": "#/components/schemas/Result"}, {"$ref": "#/components/schemas/BatchResult"}]}}}},
             **{code: {"description": text, **error} for code, text in (

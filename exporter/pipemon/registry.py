@@ -95,6 +95,9 @@ class PipelineEntry(msgspec.Struct, forbid_unknown_fields=True):
     max_runtime: Duration | None = None
     runbook_url: Url | None = None
     thresholds: ThresholdOverrides | None = None
+    # OpenLineage: the child jobs of this pipeline's runs (a DAG's tasks, dbt models, Dagster steps) become
+    # pipelines of their own instead of being folded into its runs.
+    track_children: bool = False
 
     def __post_init__(self) -> None:
         for value in (self.expected_interval, self.max_runtime):
@@ -114,7 +117,9 @@ class RegistryFile(msgspec.Struct, forbid_unknown_fields=True):
     teams: dict[str, Team]  # names checked in _check_references, for an error that names the team
     pipelines: list[PipelineEntry] = []
     defaults: Defaults = msgspec.field(default_factory=Defaults)
-    unknown_pipelines: Literal["accept", "reject"] = "accept"
+    # accept: tracked as `unowned` (or the team their events name); ignore: answered 200 `ignored` and counted in
+    # pipemon_events_ignored_total; reject: answered 422 and counted in pipemon_events_rejected_total.
+    unknown_pipelines: Literal["accept", "ignore", "reject"] = "accept"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,8 @@ class PipelineSpec:
     expected_interval_explicit: bool = False  # False: pipemon learns the interval from the pipeline's runs
     schedule: str | None = None
     schedule_grace_seconds: float = 900.0
+    track_children: bool = False
+    entry: str = ""  # the `match` of the registry entry this spec comes from ("" for unknown pipelines)
 
 
 class RegistryError(ValueError):
@@ -158,12 +165,17 @@ class Registry:
     def accepts_unknown(self) -> bool:
         return self.source.unknown_pipelines == "accept"
 
+    @property
+    def ignores_unknown(self) -> bool:
+        return self.source.unknown_pipelines == "ignore"
+
     def registered_specs(self) -> list[PipelineSpec]:
         """Specs of the pipelines named exactly: their series exist before their first run."""
         return [self._spec(name, entry) for name, entry in self._exact.items()]
 
     def lookup(self, name: str) -> PipelineSpec | None:
-        """The spec of a pipeline, `unowned` for an unknown one, or None when unknown ones are rejected."""
+        """The spec of a pipeline, `unowned` for an unknown one, or None when unknown ones are ignored or
+        rejected."""
         try:
             return self._cache[name]
         except KeyError:
@@ -198,6 +210,8 @@ class Registry:
             expected_interval_explicit=entry.expected_interval is not None or entry.schedule is not None,
             schedule=entry.schedule,
             schedule_grace_seconds=parse_duration(entry.schedule_grace or d.schedule_grace),
+            track_children=entry.track_children,
+            entry=entry.match,
         )
 
     def default_spec(self, name: str, team: str = UNOWNED_TEAM) -> PipelineSpec:

@@ -18,6 +18,8 @@ REJECT_REASONS = (
     "unauthorized", "forbidden", "too_large", "pipeline_cap", "in_progress_cap", "storage_unavailable",
 )
 
+IGNORE_REASONS = ("child_run", "unknown_pipeline")
+
 
 class ExporterMetrics:
     def __init__(self, pipelines_count: Callable[[], int]) -> None:
@@ -28,6 +30,9 @@ class ExporterMetrics:
         self.received = Counter("pipemon_events_received", "Events received, by ingest endpoint.",
                                 ["endpoint"], registry=r)
         self.rejected = Counter("pipemon_events_rejected", "Events rejected, by reason.", ["reason"], registry=r)
+        self.ignored = Counter("pipemon_events_ignored", "Valid events left aside on purpose, by reason: child"
+                               " runs folded into their root run, unknown pipelines the registry ignores.",
+                               ["reason"], registry=r)
         self.duplicates = Counter("pipemon_events_duplicate", "Events acknowledged as retries of ones already"
                                   " counted.", registry=r)
         self.storage_errors = Counter("pipemon_storage_errors", "Failed writes to the state database.",
@@ -49,6 +54,8 @@ class ExporterMetrics:
             self.received.labels(endpoint)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for reason in IGNORE_REASONS:
+            self.ignored.labels(reason)
 
     def reject(self, reason: str, count: int = 1) -> None:
         self.rejected.labels(reason).inc(count)

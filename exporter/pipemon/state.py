@@ -27,7 +27,7 @@ from pipemon.baseline import (
     slots_of,
     temper,
 )
-from pipemon.events import Abandon, Finish, Forget, Record, Start
+from pipemon.events import Abandon, Discard, Finish, Forget, Record, Start
 from pipemon.recent import ABANDONED, FAILURE, RECENT_RUNS, SUCCESS, RecentRuns
 from pipemon.registry import PipelineSpec
 
@@ -92,6 +92,7 @@ class Snapshot(msgspec.Struct, array_like=True):
     # The recent-runs ring (issue 15): run ids, and per run status, started, finished, duration, records.
     recent_ids: list[str] = []
     recent_values: list[float] = []
+    last_run_failed_children: list[str] = []  # issue 13; absent from older checkpoints
 
 
 class PipelineState:
@@ -100,10 +101,10 @@ class PipelineState:
     __slots__ = (
         "_judged", "abandoned", "arrived", "baseline_size", "bucket_counts", "consecutive_failures", "data_clock",
         "data_clock_at", "duration_count", "duration_sum", "gaps", "history", "in_progress", "last_abandoned",
-        "last_failure_ts", "last_run_duration", "last_run_records", "last_run_success", "last_run_throughput",
-        "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes", "recent",
-        "records_total", "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen", "team",
-        "version", "weekdays", "weekdays_week",
+        "last_failure_ts", "last_run_duration", "last_run_failed_children", "last_run_records", "last_run_success",
+        "last_run_throughput", "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes",
+        "recent", "records_total", "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen",
+        "team", "version", "weekdays", "weekdays_week",
     )
 
     def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336,
@@ -147,6 +148,7 @@ class PipelineState:
         self.last_abandoned = ""  # the abandoned run that is the latest run, if one is
         self.runs_reverted = 0  # abandonments taken back by the run's finish (a counter)
         self.recent = RecentRuns(recent_runs)  # the last runs of any outcome, for people (the web UI)
+        self.last_run_failed_children: list[str] = []  # OpenLineage child jobs of the latest run that failed
 
     # ---- baselines -----------------------------------------------------------------------------------
 
@@ -255,6 +257,7 @@ class PipelineState:
             abandoned=self.abandoned, last_abandoned=self.last_abandoned, runs_reverted=self.runs_reverted,
             hourly=self.history.hourly_rows(), weekdays=self.weekdays, weekdays_week=self.weekdays_week,
             recent_ids=self.recent.ids, recent_values=self.recent.values.tolist(),
+            last_run_failed_children=self.last_run_failed_children,
         )
 
     @classmethod
@@ -347,6 +350,8 @@ class Pipelines:
             outcome = self._finish(state, record)
         elif isinstance(record, Start):
             outcome = self._start(state, record)
+        elif isinstance(record, Discard):
+            outcome = self._discard(state, record)
         else:
             outcome = self._abandon(state, record)
         if outcome == "accepted":
@@ -407,6 +412,21 @@ class Pipelines:
             state.last_abandoned = ""
             self._learn_run(state, rec)
             self._set_last_run(state, rec.success, rec.finished_at, rec.duration, rec.records, throughput)
+            state.last_run_failed_children = list(rec.failed_children)
+        return "accepted"
+
+    def _discard(self, state: PipelineState, rec: Discard) -> str:
+        """A run that ends without an outcome: out of the runs in progress, its id remembered as finished (a
+        later COMPLETE or FAIL of the same run is a duplicate), nothing counted."""
+        if state.seen.get(rec.run_id, 0) >= FINISHED:
+            return "duplicate"
+        self._remember(state, rec.run_id, FINISHED)
+        state.in_progress.pop(rec.run_id, None)
+        state.arrived.pop(rec.run_id, None)
+        undo = state.abandoned.pop(rec.run_id, None)
+        if undo is not None:  # abandoned meanwhile: that failure is taken back, this run had no outcome
+            self._revert_abandonment(state, rec.run_id, undo)
+        self._tick(state, rec.at, None)
         return "accepted"
 
     def _abandon(self, state: PipelineState, rec: Abandon) -> str:
@@ -430,6 +450,7 @@ class Pipelines:
             state.last_run_duration = state.last_run_records = state.last_run_throughput = NAN
             state.consecutive_failures += 1
             state.last_abandoned = rec.run_id
+            state.last_run_failed_children = []
         return "accepted"
 
     def _revert_abandonment(self, state: PipelineState, run_id: str, undo: Undo) -> None:

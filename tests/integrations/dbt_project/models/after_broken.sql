@@ -1,0 +1,2 @@
+-- skipped: its parent fails
+select * from {{ ref('broken') }}

@@ -1,0 +1,2 @@
+-- fails on purpose: the table does not exist
+select * from no_such_table
