@@ -53,9 +53,10 @@ EXPECTED = {
     ("PipelineEventsRejected", "", "medium"): "default",
 }
 # Firing in Prometheus, but inhibited by a more severe alert of the same pipeline, or by the alert that explains
-# it (few records also make a low throughput): never delivered.
+# it (a slow run of the usual records is also a low throughput): never delivered. thin_job's few records in the
+# usual time raise no PipelineThroughputDrop at all: its runs are not slow.
 HELD_BACK = {("PipelineSuccessRateLow", "fail_job", "high"), ("PipelineDurationAnomaly", "slow_job", "medium"),
-             ("PipelineThroughputDrop", "thin_job", "high")}
+             ("PipelineThroughputDrop", "slow_job", "high")}
 
 
 def http_json(url: str, body: object | None = None, method: str | None = None) -> object:
@@ -84,7 +85,7 @@ def trouble() -> list[dict]:
     steady = [("success", 100.0, 1000)] * 11
     return (
         runs("fail_job", [("failure", 5.0, None)] * 5, "f")
-        + runs("slow_job", [*steady, *[("success", 1000.0, 10000)] * 3], "s")
+        + runs("slow_job", [*steady, *[("success", 1000.0, 1000)] * 3], "s")
         + runs("thin_job", [*steady, *[("success", 100.0, 100)] * 2], "t")
         + runs("tput_job", [*steady, *[("success", 140.0, 600)] * 2], "p")
         + runs("rate_job", [("success", 10.0, None), ("failure", 10.0, None), ("success", 10.0, None)] * 3
