@@ -396,3 +396,15 @@ def test_weekday_activity_survives_a_restart():
     again = PipelineState.restore(msgspec.msgpack.decode(msgspec.msgpack.encode(state.snapshot()),
                                                          type=type(state.snapshot())), state.spec, 30)
     assert again.next_run_due() == state.next_run_due() == MONDAY + 21 * 86400
+
+
+def test_a_slow_run_without_start_events_does_not_make_the_next_one_overdue_at_once():
+    pipelines = Pipelines()
+    spec = PipelineSpec("p", "data", "standard", 600, 3600, None, expected_interval_explicit=True)
+    for i in range(20):  # every 10 minutes, 100 s each, finishes only (no STARTs)
+        pipelines.apply(finish(f"r{i}", 10_000 + i * 600 + 100, duration=100.0), lambda name, team: spec)
+    slow_finish = 10_000 + 20 * 600 + 900  # started on time, took 900 s: longer than its interval
+    pipelines.apply(finish("slow", slow_finish, duration=900.0), lambda name, team: spec)
+    state = pipelines.get("p")
+    assert state.last_start_ts + 600 + 100 < slow_finish  # the start-based due lies before this finish ...
+    assert state.next_run_due() == slow_finish + 300  # ... so half an interval after the finish counts

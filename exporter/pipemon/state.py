@@ -220,6 +220,9 @@ class PipelineState:
         if not self.starts_seen:
             expected = self.judgements().duration[0].expected
             due += 0.0 if math.isnan(expected) else expected
+            # a slower run moves its start back, not the next one's: a run that just finished is not followed
+            # by an overdue one within half an interval
+            due = max(due, self.last_run_ts + 0.5 * self.expected_interval())
         return due
 
     def oldest_start(self) -> float:
