@@ -22,7 +22,7 @@ from pipemon.openapi import openapi_spec
 from pipemon.recorder import Recorder, RecorderSettings, state_path
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
-from pipemon.state import SUCCESS_WINDOWS, PipelineState
+from pipemon.state import SUCCESS_WINDOWS, PipelineState, parse_buckets, set_duration_buckets
 from pipemon.storage import Storage, StorageError
 from pipemon.webconfig import WebConfig
 
@@ -49,6 +49,7 @@ class Exporter:
         self.config = config
         self.clock = clock
         self.tokens: Tokens | None = None
+        set_duration_buckets(parse_buckets(config.duration_buckets))  # before the recorder restores any state
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
                                     history_size=config.history_size,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipemon.lineage import check_name_template
+from pipemon.state import DEFAULT_DURATION_BUCKETS, parse_buckets
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ServeConfig:
     abandon_after_factor: float = 3.0
     sweep_interval: float = 30.0
     lineage_pipeline_name: str = "{name}"
+    duration_buckets: str = ",".join(f"{b:g}" for b in DEFAULT_DURATION_BUCKETS)
 
 
 # flag, env var, config field, type, help
@@ -60,6 +62,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "seconds between two looks for abandoned runs"),
     ("--lineage-pipeline-name", "PIPEMON_LINEAGE_PIPELINE_NAME", "lineage_pipeline_name", str,
      "pipeline name of an OpenLineage job, from {name} and {namespace}, e.g. '{namespace}/{name}'"),
+    ("--duration-buckets", "PIPEMON_DURATION_BUCKETS", "duration_buckets", str,
+     "upper bounds (seconds, comma-separated) of pipeline_run_duration_seconds; each is a series per pipeline"),
 )
 _SWITCHES = (
     ("--enable-lifecycle", "PIPEMON_ENABLE_LIFECYCLE", "enable_lifecycle", "allow POST /-/reload"),
@@ -101,6 +105,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         check_name_template(config.lineage_pipeline_name)
     except ValueError as exc:
         raise ValueError(f"--lineage-pipeline-name / PIPEMON_LINEAGE_PIPELINE_NAME: {exc}") from exc
+    try:
+        parse_buckets(config.duration_buckets)
+    except ValueError as exc:
+        raise ValueError(f"--duration-buckets / PIPEMON_DURATION_BUCKETS: {exc}") from exc
     if config.storage_sync not in ("normal", "full"):
         raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
