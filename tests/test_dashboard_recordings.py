@@ -1,15 +1,16 @@
 """The dashboard windows derived from the recorded runs counter give the landed rules' answers, on a real Prometheus.
 
 A day of `pipeline_runs_total` history (every 60 s, off the 5-minute grid; failures, a counter reset) is
-backfilled; the rendered `pipemon.dashboards` group is evaluated over it level by level by
-`promtool tsdb create-blocks-from rules` (as Prometheus would have recorded it); at the last evaluation the
-recorded figures are compared with the landed expressions (1-day and 1-hour windows over the raw counter)
-evaluated as instant queries on the same data.
+backfilled; the recorded counter (the first rule of the rendered `pipemon.dashboards` group) is evaluated
+over it by `promtool tsdb create-blocks-from rules`, as Prometheus would have recorded it every 5 minutes;
+at its last recording, each derived rule of the group (the earlier recordings of the round written out) is
+compared with the landed expression (1-day and 1-hour windows over the raw counter) on the same data.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import sys
 import time
 import urllib.parse
@@ -28,6 +29,7 @@ GRID = 300  # the dashboards group's interval (rules/config.yaml dashboard_inter
 STEP = 60
 HOURS = 26
 LABELS = 'job="pipemon",instance="exporter:9464"'
+RECORDED = "pipeline_team_status:pipeline_runs_total:sum"
 RAW = "sum by (pipeline, team) ({fn}(pipeline_runs_total{{job=\"pipemon\"{m}}}[{w}]))"
 SUCCESS = ',status="success"'
 # The landed rules (7c93d63), written out: what the recordings must keep answering.
@@ -85,21 +87,29 @@ def _write_openmetrics(series: dict, directory: Path) -> list[Path]:
     return paths
 
 
-def _dashboard_levels() -> list[list[dict]]:
+def _dashboard_rules() -> list[dict]:
     groups = yaml.safe_load((REPO / "rules" / "pipemon.rules.yml").read_text())["groups"]
     (group,) = [g for g in groups if g["name"] == "pipemon.dashboards"]
     assert bench_rules.seconds(group["interval"]) == GRID
-    recording = {r["record"]: (group, r) for r in group["rules"]}
-    return bench_rules._levels(set(recording), recording)
+    return group["rules"]
+
+
+def _inlined(rules: list[dict]) -> dict[str, str]:
+    """record -> its expression with the group's earlier recordings written out: what the rule computes
+    when the group evaluates at that moment (a rule sees the earlier rules' results of the same round)."""
+    exprs: dict[str, str] = {}
+    for rule in rules:
+        expr = str(rule["expr"])
+        for name, earlier in exprs.items():
+            if name != RECORDED:
+                expr = re.sub(rf"\b{re.escape(name)}\b", f"({earlier})", expr)
+        exprs[rule["record"]] = expr
+    return exprs
 
 
 def _at(prom: str, expr: str, t: float) -> dict[tuple, float]:
     answer = bench.get_json(f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr, "time": f"{t:.3f}"}))
     return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in answer["data"]["result"]}
-
-
-def _without_name(rows: dict[tuple, float]) -> dict[tuple, float]:
-    return {tuple(kv for kv in key if kv[0] != "__name__"): v for key, v in rows.items()}
 
 
 @pytest.mark.slow
@@ -113,22 +123,27 @@ def test_recorded_dashboard_windows_answer_as_the_landed_rules(tmp_path):
                                 bench.PROMTOOL)
     config = bench.prometheus_config(None, [], "15s", 60)
     with bench.prometheus(tmp_path, config, "prometheus") as (prom, proc):
-        plan = bench_rules.HistoryPlan(set(), _dashboard_levels(), {})
-        bench.backfill_recorded(tmp_path, prom, proc, plan, start + 3600, end)
+        rules = _dashboard_rules()
+        group = {"name": "pipemon.dashboards", "interval": f"{GRID}s", "rules": [rules[0]]}
+        assert rules[0]["record"] == RECORDED
+        bench.backfill_recorded(tmp_path, prom, proc, bench_rules.HistoryPlan(set(), [[group]], {}),
+                                start + 3600, end)
+        # the group's last round: when the counter was last recorded
+        (t,) = _at(prom, f"max(timestamp({RECORDED}))", end).values()
+        exprs = _inlined(rules)
         checked = 0
         for name, landed in LANDED.items():
-            old = _without_name(_at(prom, landed, end))
-            new = _without_name(_at(prom, name, end))
+            old, new = _at(prom, landed, t), _at(prom, exprs[name], t)
             assert set(new) == set(old) and old, (name, sorted(set(old) ^ set(new)))
             for key, value in old.items():
                 # increase() over the raw scrapes extrapolates by up to one step (60 s) at each end of the
-                # window; the recordings are the counter's difference at the window's edges
+                # window; the recorded counter's increase is its difference across the window
                 tolerance = 0.02 * abs(value) + 1e-9 if "increase" in name else 0.005
                 assert new[key] == pytest.approx(value, abs=tolerance), (name, key, value, new[key])
                 checked += 1
         # the windows are not trivially equal: a day holds more runs than an hour, failures lower the ratios
-        day = _at(prom, "pipeline_team:pipeline_runs:increase1d", end)
-        hour = _at(prom, "pipeline_team:pipeline_runs:increase1h", end)
+        day = _at(prom, exprs["pipeline_team:pipeline_runs:increase1d"], t)
+        hour = _at(prom, exprs["pipeline_team:pipeline_runs:increase1h"], t)
         assert sum(day.values()) > 10 * sum(hour.values()) > 0
-        assert min(_at(prom, "team:pipeline_runs:ratio_rate1d", end).values()) < 0.95
+        assert min(_at(prom, exprs["team:pipeline_runs:ratio_rate1d"], t).values()) < 0.95
         assert checked > 70
