@@ -234,9 +234,16 @@ def backfill_recorded(directory: Path, prom: str, proc: subprocess.Popen, plan: 
     for number, groups in enumerate(plan.recorded_levels):
         rule_file, out = directory / f"backfill-{number}.yml", directory / f"backfill-{number}"
         rule_file.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
-        subprocess.run([PROMTOOL, "tsdb", "create-blocks-from", "rules", f"--url={prom}", f"--start={int(start)}",
-                        f"--end={int(end)}", f"--output-dir={out}", str(rule_file)], check=True,
-                       capture_output=True, timeout=7200)
+        for attempt in range(3):  # promtool exits 0 with no blocks when its queries found nothing yet
+            done = subprocess.run([PROMTOOL, "tsdb", "create-blocks-from", "rules", f"--url={prom}",
+                                   f"--start={int(start)}", f"--end={int(end)}", f"--output-dir={out}",
+                                   str(rule_file)], check=True, capture_output=True, text=True, timeout=7200)
+            if out.is_dir():
+                break
+            log(f"  promtool wrote no blocks (attempt {attempt + 1}): {(done.stdout + done.stderr)[-500:]!r}")
+            time.sleep(30)
+        else:
+            raise RuntimeError(f"promtool create-blocks-from rules wrote nothing for {rule_file}")
         before = reloads(prom)
         moved = 0
         for block in out.iterdir():
