@@ -127,6 +127,7 @@ def load_config(path: str | Path) -> RulesConfig:
         config = msgspec.convert(data, RulesConfig)
         _check_thresholds(config.thresholds)
         _check_classes(config.schedule_classes)
+        _check_dashboards(config)
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return config
@@ -137,6 +138,13 @@ def _check_classes(classes: list[ScheduleClass]) -> None:
     if bounds != sorted(bounds, reverse=True) or len(set(bounds)) != len(bounds) or bounds[-1] != 0:
         raise ValueError("schedule classes must be ordered by `interval_at_least`, longest first, without"
                          " repeats, and the last must be 0s - at `$.schedule_classes`")
+
+
+def _check_dashboards(config: RulesConfig) -> None:
+    step = parse_duration(config.dashboard_interval)
+    if any(parse_duration(w) < 2 * step for w in config.dashboard_windows):
+        raise ValueError("every dashboard window must span at least two `dashboard_interval`s (its increase()"
+                         " reads the counter recorded every interval) - at `$.dashboard_windows`")
 
 
 def _check_thresholds(thresholds: dict[str, float]) -> None:
@@ -239,7 +247,7 @@ RUNS_SUM = "pipeline_team_status:pipeline_runs_total:sum"
 
 def runs_sum_rules(config: RulesConfig) -> list[dict[str, Any]]:
     """The runs counter summed per pipeline, team and status, recorded every dashboard interval: the long
-    windows read these few samples (288 a day at 5m) instead of every scrape of the raw counter."""
+    windows read these few samples (289 a day at 5m) instead of every scrape of the raw counter."""
     return [{"record": RUNS_SUM, "expr": f"sum by (pipeline, team, status) ({_sel(config, 'pipeline_runs_total')})"}]
 
 
