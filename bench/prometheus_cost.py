@@ -234,10 +234,17 @@ def backfill_recorded(directory: Path, prom: str, proc: subprocess.Popen, plan: 
     for number, groups in enumerate(plan.recorded_levels):
         rule_file, out = directory / f"backfill-{number}.yml", directory / f"backfill-{number}"
         rule_file.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
-        subprocess.run([PROMTOOL, "tsdb", "create-blocks-from", "rules", f"--url={prom}", f"--start={int(start)}",
-                        f"--end={int(end)}", f"--output-dir={out}", str(rule_file)], check=True,
-                       capture_output=True, timeout=7200)
-        before = blocks_loaded(prom)
+        for attempt in range(3):  # promtool exits 0 with no blocks when its queries found nothing yet
+            done = subprocess.run([PROMTOOL, "tsdb", "create-blocks-from", "rules", f"--url={prom}",
+                                   f"--start={int(start)}", f"--end={int(end)}", f"--output-dir={out}",
+                                   str(rule_file)], check=True, capture_output=True, text=True, timeout=7200)
+            if out.is_dir():
+                break
+            log(f"  promtool wrote no blocks (attempt {attempt + 1}): {(done.stdout + done.stderr)[-500:]!r}")
+            time.sleep(30)
+        else:
+            raise RuntimeError(f"promtool create-blocks-from rules wrote nothing for {rule_file}")
+        before = reloads(prom)
         moved = 0
         for block in out.iterdir():
             if (block / "meta.json").exists():
@@ -245,11 +252,13 @@ def backfill_recorded(directory: Path, prom: str, proc: subprocess.Popen, plan: 
                 moved += 1
         shutil.rmtree(out)
         if moved:
-            wait_until(lambda before=before: blocks_loaded(prom) != before, 180, proc)
+            # the next block reload after the move has them (their count alone can stay the same when
+            # Prometheus merges overlapping blocks meanwhile)
+            wait_until(lambda before=before: reloads(prom) > before + 1, 180, proc)
 
 
-def blocks_loaded(prom: str) -> float:
-    return sum(metric_values(get_text(f"{prom}/metrics"), "prometheus_tsdb_blocks_loaded").values())
+def reloads(prom: str) -> float:
+    return sum(metric_values(get_text(f"{prom}/metrics"), "prometheus_tsdb_reloads_total").values())
 
 
 def wait_until(condition: callable, timeout: float, proc: subprocess.Popen) -> None:

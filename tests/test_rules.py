@@ -95,6 +95,7 @@ def test_config_threshold_names_match_the_registry() -> None:
         (lambda c: c["schedule_classes"].reverse(), "longest first"),
         (lambda c: c["schedule_classes"][0].update(runs_high=4), "$.schedule_classes[0].runs_high"),
         (lambda c: c["schedule_classes"][0].update(success_window=20), "$.schedule_classes[0].success_window"),
+        (lambda c: c.update(dashboard_interval="45m"), "$.dashboard_windows"),
     ],
 )
 def test_invalid_config_is_rejected_clearly(tmp_path: Path, change, message: str) -> None:
@@ -146,3 +147,16 @@ def test_cli_render_rules_check_passes_on_the_committed_files(monkeypatch: pytes
 
     monkeypatch.chdir(REPO)
     assert main(["render-rules", "--check"]) == 0
+
+
+def test_dashboard_windows_evaluate_apart_from_what_the_alerts_read() -> None:
+    """The day-long windows sit in their own slower group and read only the recorded counter, so however long
+    they take no 1-minute group (what the alerts read) waits for them."""
+    groups = {g["name"]: g for g in yaml.safe_load((RULES_DIR / rules_render.RECORDING_FILE).read_text())["groups"]}
+    dashboards = groups.pop("pipemon.dashboards")
+    assert dashboards["interval"] == "5m" and all(g["interval"] == "1m" for g in groups.values())
+    for rule in dashboards["rules"][1:]:
+        assert "pipeline_runs_total{" not in rule["expr"], rule  # only the first rule reads the raw counter
+    for group in groups.values():
+        for rule in group["rules"]:
+            assert not re.search(r"\[\d+[hd]\]", rule["expr"]), rule  # no long window at 1m

@@ -34,7 +34,7 @@ from pipemon.recorder import Recorder, RecorderSettings
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
 from pipemon.sharding import ShardError, parse_shard, shard_filter
-from pipemon.state import SUCCESS_WINDOWS, PipelineState
+from pipemon.state import SUCCESS_WINDOWS, PipelineState, parse_buckets, set_duration_buckets
 from pipemon.web import Ui, install
 from pipemon.web.access import Sessions, may_read, reader
 from pipemon.web.alerts import AlertSource
@@ -66,6 +66,7 @@ class Exporter:
         self.config = config
         self.clock = clock
         self.tokens: Tokens | None = None
+        set_duration_buckets(parse_buckets(config.duration_buckets))  # before the recorder restores any state
         self.metrics = ExporterMetrics(lambda: len(self.recorder.pipelines))
         settings = RecorderSettings(baseline_size=config.baseline_size, dedup_window=config.dedup_window,
                                     history_size=config.history_size, recent_runs=config.recent_runs,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipemon.backends import is_postgres_url
 from pipemon.lineage import check_name_template
+from pipemon.state import DEFAULT_DURATION_BUCKETS, parse_buckets
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ServeConfig:
     alertmanager_urls: tuple[str, ...] = ()
     prometheus_url: str | None = None
     protect_reads: bool = False
+    duration_buckets: str = ",".join(f"{b:g}" for b in DEFAULT_DURATION_BUCKETS)
 
 
 # flag, env var, config field, type, help
@@ -78,6 +80,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
      "Prometheus the web UI links to for a pipeline's graphs"),
     ("--lineage-pipeline-name", "PIPEMON_LINEAGE_PIPELINE_NAME", "lineage_pipeline_name", str,
      "pipeline name of an OpenLineage job, from {name} and {namespace}, e.g. '{namespace}/{name}'"),
+    ("--duration-buckets", "PIPEMON_DURATION_BUCKETS", "duration_buckets", str,
+     "upper bounds (seconds, comma-separated) of pipeline_run_duration_seconds; each is a series per pipeline"),
 )
 _SWITCHES = (
     ("--enable-lifecycle", "PIPEMON_ENABLE_LIFECYCLE", "enable_lifecycle", "allow POST /-/reload"),
@@ -136,6 +140,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--protect-reads / PIPEMON_PROTECT_READS needs --tokens: reads are checked against them")
     if not 0 <= config.recent_runs <= 10_000:
         raise ValueError(f"--recent-runs / PIPEMON_RECENT_RUNS: expected 0 to 10000, got {config.recent_runs}")
+    try:
+        parse_buckets(config.duration_buckets)
+    except ValueError as exc:
+        raise ValueError(f"--duration-buckets / PIPEMON_DURATION_BUCKETS: {exc}") from exc
     if config.storage_sync not in ("normal", "full"):
         raise ValueError(f"--storage-sync / PIPEMON_STORAGE_SYNC: expected normal or full, got {config.storage_sync!r}")
     if config.state and not is_postgres_url(config.state):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import struct
@@ -23,7 +24,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
-from pipemon.state import DURATION_BUCKETS, SUCCESS_WINDOWS, PipelineState
+from pipemon import state as state_module
+from pipemon.state import SUCCESS_WINDOWS, PipelineState
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -92,7 +94,11 @@ FAMILIES: tuple[Family, ...] = (
            " against."),
     Family("pipeline_baseline_samples", "gauge", "Runs in the latest successful run's duration baseline."),
 )
-_BUCKET_LABELS = (*(f"{float(b)!r}" for b in DURATION_BUCKETS), "+Inf")
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*(f"{float(b)!r}" for b in bounds), "+Inf")
 
 
 def escape_label_value(value: str) -> str:
@@ -122,7 +128,7 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         for name, value in spec.thresholds.items()
     )
     cumulative, buckets = 0, []
-    for le, count in zip(_BUCKET_LABELS, state.bucket_counts, strict=True):
+    for le, count in zip(_bucket_labels(state_module.DURATION_BUCKETS), state.bucket_counts, strict=True):
         cumulative += count
         buckets.append(f'pipeline_run_duration_seconds_bucket{{{labels},le="{le}"}} {cumulative}\n')
     histogram = "".join(buckets) + (

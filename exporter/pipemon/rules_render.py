@@ -106,6 +106,7 @@ class RulesConfig(msgspec.Struct, forbid_unknown_fields=True):
     thresholds: dict[str, float]
     for_: ForDurations = msgspec.field(name="for")
     keep_firing_for: Duration = "0s"
+    dashboard_interval: Duration = "5m"
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,7 @@ def load_config(path: str | Path) -> RulesConfig:
         config = msgspec.convert(data, RulesConfig)
         _check_thresholds(config.thresholds)
         _check_classes(config.schedule_classes)
+        _check_dashboards(config)
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return config
@@ -142,6 +144,13 @@ def _check_classes(classes: list[ScheduleClass]) -> None:
     if bounds != sorted(bounds, reverse=True) or len(set(bounds)) != len(bounds) or bounds[-1] != 0:
         raise ValueError("schedule classes must be ordered by `interval_at_least`, longest first, without"
                          " repeats, and the last must be 0s - at `$.schedule_classes`")
+
+
+def _check_dashboards(config: RulesConfig) -> None:
+    step = parse_duration(config.dashboard_interval)
+    if any(parse_duration(w) < 2 * step for w in config.dashboard_windows):
+        raise ValueError("every dashboard window must span at least two `dashboard_interval`s (its increase()"
+                         " reads the counter recorded every interval) - at `$.dashboard_windows`")
 
 
 def _check_thresholds(thresholds: dict[str, float]) -> None:
@@ -239,19 +248,34 @@ def threshold_rules(config: RulesConfig) -> list[dict[str, Any]]:
     ]
 
 
+RUNS_SUM = "pipeline_team_status:pipeline_runs_total:sum"
+
+
+def runs_sum_rules(config: RulesConfig) -> list[dict[str, Any]]:
+    """The runs counter summed per pipeline, team and status, recorded every dashboard interval: the long
+    windows read these few samples (289 a day at 5m) instead of every scrape of the raw counter."""
+    return [{"record": RUNS_SUM, "expr": f"sum by (pipeline, team, status) ({_sel(config, 'pipeline_runs_total')})"}]
+
+
+def _runs_increase(window: str, **matchers: str) -> str:
+    """Runs per pipeline over `window`, from the recorded counter: increase() over its samples is the same
+    counter difference increase() over the raw scrapes gives (resets handled alike)."""
+    labels = ",".join(f'{k}="{v}"' for k, v in matchers.items())
+    selector = f"{RUNS_SUM}{{{labels}}}" if labels else RUNS_SUM
+    return f"sum {BY} (increase({selector}[{window}]))"
+
+
 def run_rules(config: RulesConfig) -> list[dict[str, Any]]:
     """Per pipeline and window of time: runs and the success ratio, for dashboards (alerts read the exporter's
     ratios over the latest runs)."""
     rules = []
     for duration in config.dashboard_windows:
         window = _window(duration)
-        runs = _sel(config, "pipeline_runs_total")
-        success = _sel(config, "pipeline_runs_total", status="success")
-        rules.append({"record": f"pipeline_team:pipeline_runs:increase{window}",
-                      "expr": f"sum {BY} (increase({runs}[{window}]))"})
-        rules.append({
+        runs = f"pipeline_team:pipeline_runs:increase{window}"
+        rules.append({"record": runs, "expr": _runs_increase(window)})
+        rules.append({  # rate(success) / rate(all) over one window is successes / runs; `runs` was just recorded
             "record": f"pipeline_team:pipeline_runs:ratio_rate{window}",
-            "expr": f"sum {BY} (rate({success}[{window}]))\n/\n(sum {BY} (rate({runs}[{window}])) > 0)",
+            "expr": f"{_runs_increase(window, status='success')}\n/\n({runs} > 0)",
         })
     return rules
 
@@ -291,32 +315,39 @@ def schedule_rules(config: RulesConfig) -> list[dict[str, Any]]:
     ]
 
 
-def team_rules(config: RulesConfig) -> list[dict[str, Any]]:
-    """Roll-ups per team for dashboards."""
+def team_ratio_rules(config: RulesConfig) -> list[dict[str, Any]]:
+    """Success ratio per team, rolled up from the per-pipeline recordings (ratio × runs = successful runs)."""
     rules = []
-    runs = _sel(config, "pipeline_runs_total")
-    success = _sel(config, "pipeline_runs_total", status="success")
     for duration in config.dashboard_windows:
         window = _window(duration)
+        runs, ratio = f"pipeline_team:pipeline_runs:increase{window}", f"pipeline_team:pipeline_runs:ratio_rate{window}"
         rules.append({
             "record": f"team:pipeline_runs:ratio_rate{window}",
-            "expr": (f"sum by (team) (rate({success}[{window}]))\n/\n"
-                     f"(sum by (team) (rate({runs}[{window}])) > 0)"),
+            "expr": f"sum by (team) ({ratio} * {runs})\n/\n(sum by (team) ({runs}) > 0)",
         })
-    consecutive = _gauge(config, "pipeline_consecutive_failures")
-    rules.append({"record": "team:pipelines_failing:count",
-                  "expr": f"sum by (team) ({consecutive} >= bool 1)"})
-    rules.append({"record": "team:pipelines:count", "expr": f"count by (team) (group {BY} ({runs}))"})
     return rules
 
 
+def team_rules(config: RulesConfig) -> list[dict[str, Any]]:
+    """Counts per team for dashboards."""
+    consecutive = _gauge(config, "pipeline_consecutive_failures")
+    runs = _sel(config, "pipeline_runs_total")
+    return [
+        {"record": "team:pipelines_failing:count", "expr": f"sum by (team) ({consecutive} >= bool 1)"},
+        {"record": "team:pipelines:count", "expr": f"count by (team) (group {BY} ({runs}))"},
+    ]
+
+
 def recording_groups(config: RulesConfig) -> list[dict[str, Any]]:
+    """The 1-minute groups feed the alerts; the dashboard windows evaluate apart at a longer interval, so
+    however long they take they cannot delay an alert."""
     interval = _window(config.evaluation_interval)
     return [
         {"name": "pipemon.thresholds", "interval": interval, "rules": threshold_rules(config)},
-        {"name": "pipemon.pipelines", "interval": interval,
-         "rules": run_rules(config) + schedule_rules(config)},
+        {"name": "pipemon.pipelines", "interval": interval, "rules": schedule_rules(config)},
         {"name": "pipemon.teams", "interval": interval, "rules": team_rules(config)},
+        {"name": "pipemon.dashboards", "interval": _window(config.dashboard_interval),
+         "rules": runs_sum_rules(config) + run_rules(config) + team_ratio_rules(config)},
     ]
 
 

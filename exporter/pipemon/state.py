@@ -32,10 +32,28 @@ from pipemon.recent import ABANDONED, FAILURE, RECENT_RUNS, SUCCESS, RecentRuns
 from pipemon.registry import PipelineSpec
 
 NAN = math.nan
-# Histogram buckets for batch work: seconds to a day.
-DURATION_BUCKETS: tuple[float, ...] = (
-    1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
-)
+# Histogram buckets for batch work, 15 s to 12 h: each bucket is a series per pipeline in Prometheus, so eight
+# (11 series with +Inf, _sum, _count), enough for dashboards' p50/p99 of runs minutes to hours long.
+DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (15, 60, 300, 900, 1800, 3600, 10800, 43200)
+DURATION_BUCKETS: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
+
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """`--duration-buckets`: comma-separated upper bounds in seconds, increasing, positive."""
+    try:
+        bounds = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"expected comma-separated seconds, got {text!r}") from exc
+    if not bounds or bounds[0] <= 0 or list(bounds) != sorted(set(bounds)) or math.inf in bounds:
+        raise ValueError(f"expected increasing positive finite seconds, got {text!r}")
+    return bounds
+
+
+def set_duration_buckets(bounds: tuple[float, ...]) -> None:
+    """The histogram's bounds for this process; set before any state is built or restored (a restored
+    pipeline whose bucket count differs starts its distribution over, its runs counted in +Inf)."""
+    global DURATION_BUCKETS
+    DURATION_BUCKETS = tuple(bounds)
 STARTED, FINISHED = 1, 2
 JUDGED_RUNS = 3  # the latest successful runs judged against their baselines (alerts may want confirmation)
 SUCCESS_WINDOWS = (10, 50)  # success ratios over this many latest runs
