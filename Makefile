@@ -4,20 +4,30 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 BIN         := $(VENV)/bin
-APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk postgresql chromium chromium-driver
+APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk
+# only for the tests and `make run-ha`: the Quick start's `make run` installs no database server
+TEST_APT_PACKAGES := postgresql chromium chromium-driver
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages tool-venvs run run-ha serve test test-quick lint bench render clean
+.PHONY: install system-packages test-packages tool-venvs run run-ha serve test test-quick lint bench render clean
 
 install: system-packages $(VENV)/.installed
 
-system-packages:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# $(call apt_install,packages): install the Debian packages of the list that are missing
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+endef
+
+system-packages:
+	$(call apt_install,$(APT_PACKAGES))
+
+test-packages:
+	$(call apt_install,$(TEST_APT_PACKAGES))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +43,7 @@ tool-venvs: install
 run: install
 	$(BIN)/pipemon stack --demo
 
-run-ha: install
+run-ha: install test-packages
 	$(BIN)/pipemon stack --ha --demo
 
 serve: install
@@ -42,10 +52,10 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint tool-venvs
+test: install test-packages lint tool-venvs
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test-quick: install
+test-quick: install test-packages
 	$(BIN)/pytest -q -m 'not slow and not fault and not integration'
 
 bench: install
