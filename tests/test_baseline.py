@@ -5,7 +5,7 @@ import random
 
 import msgspec
 
-from pipemon.baseline import RunHistory, choose_profile, judge, log_duration, log_records
+from pipemon.baseline import HourlySummary, RunHistory, choose_profile, judge, log_duration, log_records
 from pipemon.events import Finish
 from pipemon.registry import PipelineSpec
 from pipemon.state import Pipelines, PipelineState, Snapshot
@@ -135,3 +135,16 @@ def test_the_spread_comes_from_more_runs_than_the_centre():
     both = judge(tight + wide, 180.0, log_duration, math.exp, 1.0, center_size=30)
     assert alone.zscore > 5 and both.zscore < 2.5  # a noisy pipeline's quiet month is not its spread
     assert both.samples == 30 and math.isclose(both.expected, alone.expected)
+
+
+def test_a_restored_hourly_summary_does_not_count_its_last_hour_twice():
+    summary = HourlySummary()
+    for minute in range(0, 60, 5):  # one hour of runs, then a restart in the middle of the next
+        summary.add(T0 + minute * 60, {"duration": 1.0, "records": 2.0})
+    summary.add(T0 + 3600 + 60, {"duration": 3.0, "records": 4.0})
+    again = HourlySummary.from_rows(summary.to_rows())
+    again.add(T0 + 3600 + 600, {"duration": 9.0, "records": 9.0})  # same hour as the restored last row
+    again.add(T0 + 7200 + 60, {"duration": 5.0, "records": 6.0})  # the next hour: flushes nothing twice
+    again.add(T0 + 3 * 3600, {"duration": 5.0, "records": 6.0})
+    hours = [row[0] for row in again.to_rows()]
+    assert hours == sorted(set(hours)) and len(hours) == 4

@@ -133,7 +133,8 @@ class HourlySummary:
         summary = cls()
         for hour, duration, records in rows[-HOURS_KEPT:]:
             summary._push(int(hour), duration, records)
-        summary.bucket_hour = summary.hours[-1] if rows else -1  # later runs of that hour are not summarised
+        # the last row's hour is complete now: runs of it arriving later are not summarised twice
+        summary.bucket_hour = summary.hours[-1] + 1 if rows else -1
         return summary
 
     def reference(self, name: str, ts: float) -> float:
@@ -165,6 +166,7 @@ class HourlySummary:
             timestamps = [h * 3600.0 + 1800.0 for h in hours]
             chosen = (choose_profile(timestamps, values, _identity), self.bucket_hour)
             self.profiles[name] = chosen
+            self.references = {key: ref for key, ref in self.references.items() if key[0] != name}
         return chosen[0]
 
 
