@@ -71,7 +71,7 @@ async def test_runs_api_rejects_bad_input_and_unknown_pipelines(exporter_client)
     client = await exporter_client()
     status, body = await runs_of(client, "no_such_pipeline")
     assert status == 404 and body["error"]["reason"] == "not_found"
-    for bad in ("0", "-1", "x", "1e3"):
+    for bad in ("0", "-1", "x", "1e3", "²", "٣"):  # Unicode digits: isdigit() but not int()
         status, body = await runs_of(client, "orders_daily", limit=bad)
         assert status == 400 and body["error"]["field"] == "limit"
 

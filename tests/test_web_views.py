@@ -44,7 +44,7 @@ async def test_reads_are_open_by_default_and_the_overview_lists_pipelines(export
     assert (await client.get("/static/../app.py")).status == 404
 
 
-@pytest.mark.parametrize("query", ["state=bogus", "page=0", "page=x", "per=100000", "q=" + "x" * 201])
+@pytest.mark.parametrize("query", ["state=bogus", "page=0", "page=x", "page=²", "per=100000", "q=" + "x" * 201])
 async def test_a_bad_filter_is_a_clear_400(exporter_client, query):
     client = await exporter_client()
     resp = await client.get(f"/?{query}")

@@ -180,8 +180,8 @@ class Exporter:
                     record = msgspec.structs.replace(record, team=team)
                 records.append(record)
                 slots.append(len(results) - 1)
-            for extra in implied:  # children tracked as pipelines, closed with their root: known pipelines
-                if not admission.is_retry(extra):
+            for extra in implied:  # children tracked as pipelines, closed with their root
+                if self._admits_implied(admission, extra):
                     records.append(extra)
                     slots.append(None)
         if records:
@@ -196,6 +196,16 @@ class Exporter:
                     results[slot]["status"] = outcome
         self.metrics.duplicates.inc(sum(1 for r in results if r["status"] == "duplicate"))
         return results
+
+    def _admits_implied(self, admission: Admission, record: Record) -> bool:
+        """A record implied by another event (a child closed with its root) passes the same checks as the
+        caller's own: another team's pipeline, or one over the caps, is not written through a root's finish."""
+        try:
+            admission.team_of(record.pipeline, getattr(record, "team", None))
+            admission.admit(record.pipeline, False)
+        except (Rejection, Ignored):
+            return False
+        return not admission.is_retry(record)
 
     def finished(self, event: RunFinished) -> Finish:
         return finished_record(event, self.clock(), self.config.max_clock_skew)
@@ -240,6 +250,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
     principal = reader(request)
     if principal is not None and principal.team is not None:  # a team's token: its pipelines only
+        await exp.recorder.catch_up()  # as below: never less than an earlier scrape of another replica
         body = exp.renderer.render_team(openmetrics, principal.team)
         return web.Response(body=body, headers={"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics
                                                 else TEXT_CONTENT_TYPE})
@@ -318,7 +329,7 @@ async def get_pipeline_runs(request: web.Request) -> web.Response:
     if state is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     raw = request.query.get("limit", "")
-    if raw and not (raw.isdigit() and 0 < int(raw) <= 100_000):
+    if raw and not (raw.isascii() and raw.isdigit() and 0 < int(raw) <= 100_000):
         return error_response(Rejection(400, "invalid_limit", "limit must be a whole number from 1", "limit"))
     runs = state.recent.latest_first(int(raw) if raw else None)
     return json_response({"pipeline": state.name, "team": state.team, "capacity": state.recent.capacity,

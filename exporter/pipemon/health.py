@@ -51,7 +51,7 @@ class Health:
 class _Facts:
     """What does not change with the clock, cached per state version."""
 
-    key: tuple[int, int]
+    key: tuple[int, int, int]
     due: float
     interval: float
     grace: float
@@ -118,7 +118,7 @@ class HealthJudge:
 
     def prepare(self, state: PipelineState) -> _Facts:
         """The clock-free part of the pipeline's judgement, from the cache while its state is unchanged."""
-        key = (state.version, id(state.spec))
+        key = (state.version, id(state.spec), id(state))  # a re-created state starts at 0 again
         facts = self._facts.get(state.name)
         if facts is None or facts.key != key:
             interval = state.expected_interval()
@@ -154,7 +154,7 @@ class HealthJudge:
 
     def is_prepared(self, state: PipelineState) -> bool:
         facts = self._facts.get(state.name)
-        return facts is not None and facts.key == (state.version, id(state.spec))
+        return facts is not None and facts.key == (state.version, id(state.spec), id(state))
 
     def prune(self, live: Container[str], count: int) -> None:
         """Drop the cached facts of deleted pipelines once they are many (`count`: pipelines tracked)."""

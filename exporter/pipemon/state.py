@@ -447,6 +447,7 @@ class Pipelines:
         undo = state.abandoned.pop(rec.run_id, None)
         if undo is not None:  # abandoned meanwhile: that failure is taken back, this run had no outcome
             self._revert_abandonment(state, rec.run_id, undo)
+            state.recent.drop(rec.run_id, ABANDONED)
         self._tick(state, rec.at, None)
         return "accepted"
 

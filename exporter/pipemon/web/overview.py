@@ -51,7 +51,7 @@ def _whole(params: Mapping[str, str], name: str, default: int, most: int) -> int
     raw = params.get(name, "")
     if not raw:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise FilterError(f"{name} must be a whole number from 1 to {most} (got {raw!r})")
     return int(raw)
 
