@@ -192,3 +192,11 @@ async def test_a_replica_behind_a_truncated_log_reloads_from_the_checkpoints(exp
     assert exported(await metrics(b)) == exported(await metrics(a))
     assert b.exporter.recorder.applied_seq == a.exporter.recorder.applied_seq
     assert "state reloaded from the checkpoints" in caplog.text
+
+
+def test_the_logged_url_has_no_password_in_its_user_part_or_its_query():
+    from pipemon.backends.postgres import PostgresBackend
+
+    backend = PostgresBackend.__new__(PostgresBackend)  # no connection: describe() reads the URL only
+    backend.url = "postgresql://pipemon:secret@db:5432/pipemon?password=hunter2&sslmode=require"
+    assert backend.describe() == "postgresql://pipemon@db:5432/pipemon"

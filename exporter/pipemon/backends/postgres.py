@@ -53,11 +53,11 @@ class PostgresBackend:
         self._watcher: threading.Thread | None = None
 
     def describe(self) -> str:
-        """The URL without its password (for logs)."""
+        """The URL without its password or query (`?password=…` is valid libpq syntax), for logs."""
         parts = urlsplit(self.url)
         host = parts.netloc.rpartition("@")[2]
         user = parts.username
-        return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host, query=""))
 
     # ---- connection --------------------------------------------------------------------------------
 
