@@ -153,3 +153,12 @@ async def test_pipelines_are_judged_in_the_background_before_anyone_looks(export
     while not judge.is_prepared(state):
         assert time.monotonic() < deadline, "not judged in the background"
         await asyncio.sleep(0.1)
+
+
+def test_an_unreadable_alertmanager_answer_is_skipped_not_a_crash():
+    from pipemon.web.alerts import _parse
+
+    assert _parse("not an alert", "am") is None
+    assert _parse({"labels": ["pipeline"]}, "am") is None
+    alert = _parse({"labels": {"pipeline": "p", "alertname": "A"}, "status": "odd"}, "am")
+    assert alert is not None and alert.state == "firing" and alert.pipeline == "p"

@@ -85,6 +85,9 @@ class AlertSource:
                 view.errors.append(f"Alertmanager {url} is unreachable ({type(result).__name__}): alerts may be"
                                    " missing from this page.")
                 continue
+            if not isinstance(result, list):
+                view.errors.append(f"Alertmanager {url} answered something other than a list of alerts.")
+                continue
             for raw in result:
                 alert = _parse(raw, url)
                 if alert is None or raw.get("fingerprint", id(raw)) in seen:
@@ -106,12 +109,18 @@ class AlertSource:
         return body
 
 
-def _parse(raw: dict, source: str) -> Alert | None:
+def _parse(raw: object, source: str) -> Alert | None:
+    if not isinstance(raw, dict):
+        return None  # not an alert: an Alertmanager answer pipemon cannot read is no reason for a 500
     labels = raw.get("labels") or {}
+    if not isinstance(labels, dict):
+        return None
+    status = raw.get("status") or {}
+    if not isinstance(status, dict):
+        status = {}
     pipeline = labels.get("pipeline")
     if not isinstance(pipeline, str):
         return None  # the exporter's own alerts concern no pipeline
-    status = raw.get("status") or {}
     if status.get("state", "active") == "active":
         state = "firing"
     else:
