@@ -20,6 +20,7 @@ from openlineage.client.serde import Serde
 from openlineage.client.uuid import generate_new_uuid
 
 from pipemon.app import EXPORTER_KEY, create_app
+from tests.conftest import make_tokens
 from tests.helpers import value
 from tests.test_lineage import PRODUCER, Lineage
 
@@ -316,3 +317,52 @@ async def test_a_refused_child_start_leaves_nothing_to_close(aiohttp_client, con
     await ol.emit(event(RunState.FAIL, dag, now - 10, "reports"))
     assert "reports.build" not in await pipelines(client)
     assert (await pipelines(client))["reports"]["runs_failure"] == 1
+
+
+def tokened_app(config, tmp_path, **tokens: str):
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(REGISTRY.format(unknown="accept"))
+    return create_app(dataclasses.replace(config, registry=registry), make_tokens(**tokens))
+
+
+async def post_as(client, token: str, *events: RunEvent) -> list[tuple[int, dict]]:
+    answers = []
+    for e in events:
+        resp = await client.post("/api/v1/lineage", data=Serde.to_json(e),
+                                 headers={"Authorization": f"Bearer {token}"})
+        answers.append((resp.status, await resp.json()))
+    return answers
+
+
+async def test_only_a_token_that_may_write_the_root_adds_to_it(aiohttp_client, config, tmp_path):
+    client = await aiohttp_client(tokened_app(config, tmp_path, de="data-eng", an="analytics"))
+    dag, now = rid(), time.time()
+    parent = ("orders_daily", dag)
+    assert (await post_as(client, "de", event(RunState.START, dag, now - 50, "orders_daily")))[0][0] == 200
+    foreign = await post_as(client, "an",
+                            event(RunState.COMPLETE, rid(), now - 40, "orders_daily.load", parent, rows=1000),
+                            event(RunState.FAIL, rid(), now - 30, "orders_daily.check", parent, try_number=1))
+    assert [(status, body["error"]["reason"]) for status, body in foreign] == [(403, "forbidden")] * 2
+    own = await post_as(client, "de", event(RunState.COMPLETE, rid(), now - 20, "orders_daily.extract", parent,
+                                            rows=5))
+    assert own == [(200, {"status": "ignored", "reason": "child_run"})]
+    # The root's finish refused once keeps its children's fold for the finish that is accepted.
+    finish = event(RunState.COMPLETE, dag, now - 10, "orders_daily")
+    assert (await post_as(client, "an", finish))[0][0] == 403
+    assert (await post_as(client, "de", finish))[0][1]["status"] == "accepted"
+    last = (await detail(client, "orders_daily"))["last_run"]
+    assert (last["records"], last["failed_children"]) == (5, [])
+
+
+async def test_a_root_finish_closes_only_the_children_its_token_may_write(aiohttp_client, config, tmp_path):
+    client = await aiohttp_client(tokened_app(config, tmp_path, de="data-eng", root="admin"))
+    dag, build, now = rid(), rid(), time.time()
+    assert (await post_as(client, "de", event(RunState.START, dag, now - 30, "reports")))[0][0] == 200
+    # reports.* is analytics' in the registry: a pipeline of its own, started by a token that may write it
+    started = await post_as(client, "root", event(RunState.START, build, now - 20, "reports.build", ("reports", dag)))
+    assert started[0][1]["status"] == "accepted"
+    assert (await post_as(client, "de", event(RunState.FAIL, dag, now - 10, "reports")))[0][1]["status"] == (
+        "accepted")
+    listed = await pipelines(client)
+    assert listed["reports"]["runs_failure"] == 1
+    assert (listed["reports.build"]["runs_in_progress"], listed["reports.build"]["runs_failure"]) == (1, 0)

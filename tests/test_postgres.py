@@ -200,3 +200,37 @@ def test_the_logged_url_has_no_password_in_its_user_part_or_its_query():
     backend = PostgresBackend.__new__(PostgresBackend)  # no connection: describe() reads the URL only
     backend.url = "postgresql://pipemon:secret@db:5432/pipemon?password=hunter2&sslmode=require"
     assert backend.describe() == "postgresql://pipemon@db:5432/pipemon"
+
+
+async def test_a_root_finish_answered_503_keeps_its_childrens_fold_for_the_retry(exporter_client, pg_config,
+                                                                                  postgres_server):
+    import time
+
+    from openlineage.client.event_v2 import RunState
+    from openlineage.client.serde import Serde
+
+    from tests.test_lineage_children import event, rid
+
+    async def lineage(e) -> tuple[int, dict]:
+        return await post(client, json.loads(Serde.to_json(e)), "/api/v1/lineage")
+
+    client = await exporter_client(pg_config)
+    dag, now = rid(), time.time()
+    assert (await lineage(event(RunState.START, dag, now - 30, "orders_daily")))[0] == 200
+    child = event(RunState.COMPLETE, rid(), now - 20, "orders_daily.load", ("orders_daily", dag), rows=70)
+    assert (await lineage(child))[1]["status"] == "ignored"
+    finish = event(RunState.COMPLETE, dag, now - 10, "orders_daily")
+    database = pg_config.state.rsplit("/", 1)[1]
+    postgres_server.sql(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+    postgres_server.sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+    try:
+        assert (await lineage(finish))[0] == 503
+    finally:
+        postgres_server.sql(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+    for _ in range(50):  # the backend reconnects by itself
+        status, body = await lineage(finish)
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert body["status"] == "accepted", body
+    assert value(await metrics(client), "pipeline_records_processed_total", **P) == 70

@@ -29,7 +29,7 @@ from pipemon.health import HealthJudge
 from pipemon.ingest import Admission, Ignored, Rejection, decode_batch, decode_item, split_items, to_record
 from pipemon.lineage import LineageConverter, RunEvent
 from pipemon.openapi import openapi_spec
-from pipemon.openlineage.folding import Folds
+from pipemon.openlineage.folding import Folds, FoldSession
 from pipemon.recorder import Recorder, RecorderSettings
 from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
 from pipemon.selfmetrics import ExporterMetrics
@@ -122,7 +122,9 @@ class Exporter:
         return principal
 
     async def ingest(self, request: web.Request, endpoint: str, wire_type: type,
-                     convert: Converter) -> web.Response:
+                     converter_for: Callable[[Admission], Converter]) -> web.Response:
+        """Decode, convert, admit and store the events of one request; `converter_for` makes the request's
+        converter, which may consult the request's admission (the caller's token, the caps)."""
         try:
             principal = self.principal(request)
             body = await request.read()
@@ -137,7 +139,8 @@ class Exporter:
             self.metrics.reject(rejection.reason)
             return error_response(rejection)
         self.metrics.received.labels(endpoint).inc(len(items))
-        results = await self._ingest_items(items, wire_type, convert, principal)
+        admission = Admission(self.registry, self.recorder.pipelines, principal, self.config.max_pipelines)
+        results = await self._ingest_items(items, wire_type, converter_for(admission), admission)
         if isinstance(results, Rejection):
             return error_response(results)
         if not batch:
@@ -149,13 +152,15 @@ class Exporter:
         return json_response({**summary, "results": results})
 
     async def _ingest_items(self, items: list, wire_type: type, convert: Converter,
-                            principal: Principal | None) -> list[dict[str, Any]] | Rejection:
-        admission = Admission(self.registry, self.recorder.pipelines, principal, self.config.max_pipelines)
+                            admission: Admission) -> list[dict[str, Any]] | Rejection:
+        # OpenLineage child runs folded by this request reach the shared folds only once its records are stored
+        folds = convert.folds if isinstance(convert, LineageConverter) else None
         results: list[dict[str, Any]] = []
         records: list[Record] = []
         slots: list[int | None] = []  # the result each record answers (None: implied by another event)
         decoded = decode_batch(items, wire_type) if len(items) > 1 else None
         for index, raw in enumerate(items):
+            savepoint = folds.savepoint() if folds is not None else 0
             try:
                 event = decode_item(raw, wire_type) if decoded is None else decoded[index]
                 produced = to_record(event, convert)
@@ -166,10 +171,12 @@ class Exporter:
                 team = admission.team_of(record.pipeline, getattr(record, "team", None))
                 admission.admit(record.pipeline, isinstance(record, Start))
             except Rejection as rejection:
+                if folds is not None:
+                    folds.rollback(savepoint)  # a refused root finish keeps its children's fold for its retry
                 self.metrics.reject(rejection.reason)
                 results.append(rejection.body())
                 continue
-            except Ignored as ignored:
+            except Ignored as ignored:  # a child run: its fold stands
                 self.metrics.ignored.labels(ignored.reason).inc()
                 results.append(ignored.body())
                 continue
@@ -194,6 +201,8 @@ class Exporter:
             for slot, outcome in zip(slots, outcomes, strict=True):
                 if slot is not None:
                     results[slot]["status"] = outcome
+        if folds is not None:
+            folds.commit()
         self.metrics.duplicates.inc(sum(1 for r in results if r["status"] == "duplicate"))
         return results
 
@@ -213,10 +222,11 @@ class Exporter:
     def started(self, event: RunStarted) -> Start:
         return started_record(event, self.clock(), self.config.max_clock_skew)
 
-    def lineage_converter(self) -> LineageConverter:
+    def lineage_converter(self, admission: Admission) -> LineageConverter:
         """A converter for the OpenLineage events of one request."""
         return LineageConverter(self.registry, self.recorder.pipelines, self.config.lineage_pipeline_name,
-                                self.clock, self.config.max_clock_skew, self.folds)
+                                self.clock, self.config.max_clock_skew, FoldSession(self.folds),
+                                admission.may_fold)
 
 
 # ---- handlers ----------------------------------------------------------------------------------------
@@ -228,17 +238,17 @@ def _exporter(request: web.Request) -> Exporter:
 
 async def post_runs(request: web.Request) -> web.Response:
     exp = _exporter(request)
-    return await exp.ingest(request, "runs", RunFinished, exp.finished)
+    return await exp.ingest(request, "runs", RunFinished, lambda _: exp.finished)
 
 
 async def post_runs_start(request: web.Request) -> web.Response:
     exp = _exporter(request)
-    return await exp.ingest(request, "runs_start", RunStarted, exp.started)
+    return await exp.ingest(request, "runs_start", RunStarted, lambda _: exp.started)
 
 
 async def post_lineage(request: web.Request) -> web.Response:
     exp = _exporter(request)
-    return await exp.ingest(request, "lineage", RunEvent, exp.lineage_converter())
+    return await exp.ingest(request, "lineage", RunEvent, exp.lineage_converter)
 
 
 async def get_metrics(request: web.Request) -> web.Response:

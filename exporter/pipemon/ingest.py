@@ -160,6 +160,20 @@ class Admission:
                             f" {team!r}", "pipeline")
         return team
 
+    def may_fold(self, root_pipeline: str) -> bool:
+        """Whether a child run's event may add to its root run: it may write the root's pipeline. Another team's
+        root is a 403 rejection of the child's event; a root that is not admitted at all (an unknown pipeline)
+        has nothing to fold into."""
+        try:
+            self.team_of(root_pipeline, None)
+        except Rejection as rejection:
+            if rejection.status == 403:
+                raise
+            return False
+        except Ignored:
+            return False
+        return True
+
     def admit(self, pipeline: str, starting: bool) -> None:
         """Enforce the caps on tracked pipelines and on runs in progress."""
         state = self.pipelines.get(pipeline)

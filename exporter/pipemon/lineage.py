@@ -43,7 +43,7 @@ from pipemon.events import (
 )
 from pipemon.ingest import Ignored
 from pipemon.openlineage import facets as ol
-from pipemon.openlineage.folding import Folds, RootKey
+from pipemon.openlineage.folding import Folds, FoldSession, RootKey
 from pipemon.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Registry
 from pipemon.state import Pipelines
 
@@ -106,16 +106,20 @@ def check_name_template(template: str) -> str:
 
 class LineageConverter:
     """Turns the RunEvents of one request into records. One instance per request: it remembers the STARTs
-    seen earlier in the same batch, which are not in the state yet. `folds` outlives requests."""
+    seen earlier in the same batch, which are not in the state yet. `folds` is this request's session of the
+    folds that outlive requests (the caller commits it once the records are stored). `may_fold(root pipeline)`
+    says whether a child event may add to its root run (raises a 403 rejection for another team's root)."""
 
     def __init__(self, registry: Registry, pipelines: Pipelines, template: str, now: Callable[[], float],
-                 max_skew: float, folds: Folds | None = None) -> None:
+                 max_skew: float, folds: FoldSession | None = None,
+                 may_fold: Callable[[str], bool] = lambda root_pipeline: True) -> None:
         self.registry = registry
         self.pipelines = pipelines
         self.template = template
         self.now = now
         self.max_skew = max_skew
-        self.folds = folds if folds is not None else Folds()
+        self.folds = folds if folds is not None else FoldSession(Folds())
+        self.may_fold = may_fold
         self._batch_starts: dict[tuple[str, str], float] = {}
 
     def __call__(self, event: RunEvent) -> Start | Finish | Discard | tuple[Finish, ...] | None:
@@ -125,7 +129,8 @@ class LineageConverter:
         run_id = event.run.runId
         root = self.root_of(event)
         if root is not None:
-            self.fold_child(root, event)
+            if self.may_fold(root[0]):
+                self.fold_child(root, event)
             if not self.tracked(pipeline, root[0]):
                 raise Ignored("child_run")
         if event.eventType == "START":
