@@ -5,7 +5,7 @@ import random
 
 import msgspec
 
-from pipemon.baseline import HourlySummary, RunHistory, choose_profile, judge, log_duration, log_records
+from pipemon.baseline import NAN, HourlySummary, RunHistory, choose_profile, judge, log_duration, log_records
 from pipemon.events import Finish
 from pipemon.registry import PipelineSpec
 from pipemon.state import Pipelines, PipelineState, Snapshot
@@ -137,14 +137,31 @@ def test_the_spread_comes_from_more_runs_than_the_centre():
     assert both.samples == 30 and math.isclose(both.expected, alone.expected)
 
 
-def test_a_restored_hourly_summary_does_not_count_its_last_hour_twice():
+def test_a_restored_hourly_summary_goes_on_collecting_its_hour():
+    """A restart in the middle of an hour changes nothing: the restored summary and one that ran on agree."""
     summary = HourlySummary()
     for minute in range(0, 60, 5):  # one hour of runs, then a restart in the middle of the next
         summary.add(T0 + minute * 60, {"duration": 1.0, "records": 2.0})
     summary.add(T0 + 3600 + 60, {"duration": 3.0, "records": 4.0})
-    again = HourlySummary.from_rows(summary.to_rows())
+    again = HourlySummary.from_rows(summary.to_rows(), summary.open_rows())
+    for restored in (summary, again):
+        restored.add(T0 + 3600 + 600, {"duration": 9.0, "records": NAN})  # the hour it was restored in
+        restored.add(T0 + 3600 + 900, {"duration": 8.0, "records": 7.0})
+        restored.add(T0 + 7200 + 60, {"duration": 5.0, "records": 6.0})  # the next hour
+    assert again.to_rows() == summary.to_rows() and again.open_rows() == summary.open_rows()
+    assert [row[1:] for row in again.to_rows()] == [(1.0, 2.0), (8.0, 5.5)]
+
+
+def test_a_summary_of_an_older_checkpoint_does_not_count_its_last_hour_twice():
+    summary = HourlySummary()
+    for minute in range(0, 60, 5):
+        summary.add(T0 + minute * 60, {"duration": 1.0, "records": 2.0})
+    summary.add(T0 + 3600 + 60, {"duration": 3.0, "records": 4.0})
+    older = [*summary.to_rows(), (summary.bucket_hour, 3.0, 4.0)]  # the open hour, saved as if complete
+    again = HourlySummary.from_rows(older)
     again.add(T0 + 3600 + 600, {"duration": 9.0, "records": 9.0})  # same hour as the restored last row
     again.add(T0 + 7200 + 60, {"duration": 5.0, "records": 6.0})  # the next hour: flushes nothing twice
     again.add(T0 + 3 * 3600, {"duration": 5.0, "records": 6.0})
-    hours = [row[0] for row in again.to_rows()]
-    assert hours == sorted(set(hours)) and len(hours) == 4
+    first = int(T0 // 3600)
+    assert [row[0] for row in again.to_rows()] == [first, first + 1, first + 2]
+    assert [row[0] for row in again.open_rows()] == [first + 3]

@@ -80,7 +80,7 @@ class HourlySummary:
         self.columns = {"duration": array("f"), "records": array("f")}
         self.start = 0
         self.bucket_hour = -1  # the hour being collected, not yet in the ring
-        self.bucket: dict[str, list[float]] = {"duration": [], "records": []}
+        self.bucket: list[tuple[float, float]] = []  # its runs' (log duration, log records); NaN: unknown
         self.profiles: dict[str, tuple[str, int]] = {}  # column -> (profile, bucket_hour when chosen)
         self.references: dict[tuple[str, int], float] = {}  # (column, hour) -> reference, until the next push
 
@@ -94,16 +94,18 @@ class HourlySummary:
         if hour > self.bucket_hour:
             self._flush()
             self.bucket_hour = hour
-        for name, value in log_values.items():
-            if not math.isnan(value):
-                self.bucket[name].append(value)
+        self.bucket.append((log_values.get("duration", NAN), log_values.get("records", NAN)))
 
     def _flush(self) -> None:
-        if self.bucket_hour < 0 or not any(self.bucket.values()):
-            return
-        row = {name: median(xs) if xs else NAN for name, xs in self.bucket.items()}
-        self._push(self.bucket_hour, row["duration"], row["records"])
-        self.bucket = {"duration": [], "records": []}
+        duration, records = self._bucket_medians()
+        if self.bucket_hour >= 0 and not (math.isnan(duration) and math.isnan(records)):
+            self._push(self.bucket_hour, duration, records)
+        self.bucket = []
+
+    def _bucket_medians(self) -> tuple[float, float]:
+        known = ([x for x in column if not math.isnan(x)] for column in zip(*self.bucket, strict=True))
+        duration, records = (median(xs) if xs else NAN for xs in known) if self.bucket else (NAN, NAN)
+        return duration, records
 
     def _push(self, hour: int, duration: float, records: float) -> None:
         self.references.clear()
@@ -121,20 +123,25 @@ class HourlySummary:
         return column[self.start:].tolist() + column[:self.start].tolist()
 
     def to_rows(self) -> list[tuple[int, float, float]]:
-        """The ring, oldest first, and the hour being collected as its last row."""
-        rows = list(zip(self._ordered(self.hours), self._ordered(self.columns["duration"]),
+        """The ring's hours, oldest first."""
+        return list(zip(self._ordered(self.hours), self._ordered(self.columns["duration"]),
                         self._ordered(self.columns["records"]), strict=True))
-        if any(self.bucket.values()):  # stored as the ring stores it (float32), so a restart changes nothing
-            rows.append((self.bucket_hour, *array("f", [median(xs) if xs else NAN for xs in self.bucket.values()])))
-        return rows
+
+    def open_rows(self) -> list[tuple[int, float, float]]:
+        """The hour being collected: one row per run of it, so that a restart goes on collecting that hour."""
+        return [(self.bucket_hour, duration, records) for duration, records in self.bucket]
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Sequence[float]]) -> HourlySummary:
+    def from_rows(cls, rows: Sequence[Sequence[float]],
+                  open_rows: Sequence[Sequence[float]] = ()) -> HourlySummary:
         summary = cls()
         for hour, duration, records in rows[-HOURS_KEPT:]:
             summary._push(int(hour), duration, records)
-        # the last row's hour is complete now: runs of it arriving later are not summarised twice
-        summary.bucket_hour = summary.hours[-1] + 1 if rows else -1
+        if open_rows:
+            summary.bucket_hour = int(open_rows[0][0])
+            summary.bucket = [(duration, records) for _, duration, records in open_rows]
+        elif rows:  # a checkpoint of an older version: its last row was the hour being collected, closed early
+            summary.bucket_hour = summary.hours[-1] + 1
         return summary
 
     def reference(self, name: str, ts: float) -> float:
@@ -220,16 +227,21 @@ class RunHistory:
 
     @classmethod
     def from_rows(cls, capacity: int, rows: Sequence[Sequence[float]],
-                  hourly_rows: Sequence[Sequence[float]] = ()) -> RunHistory:
+                  hourly_rows: Sequence[Sequence[float]] = (),
+                  hourly_open_rows: Sequence[Sequence[float]] = ()) -> RunHistory:
         history = cls(capacity)
+        summarised = bool(hourly_rows or hourly_open_rows)
         for ts, duration, records in rows[-capacity:]:
-            history.append(ts, duration, records, summarise=not hourly_rows)  # else summarised already
-        if hourly_rows:
-            history.hourly = HourlySummary.from_rows(hourly_rows)
+            history.append(ts, duration, records, summarise=not summarised)  # else summarised already
+        if summarised:
+            history.hourly = HourlySummary.from_rows(hourly_rows, hourly_open_rows)
         return history
 
     def hourly_rows(self) -> list[tuple[int, float, float]]:
         return self.hourly.to_rows() if self.hourly is not None else []
+
+    def hourly_open_rows(self) -> list[tuple[int, float, float]]:
+        return self.hourly.open_rows() if self.hourly is not None else []
 
     def profile(self, name: str, to_log: Callable[[float], float]) -> str:
         """The seasonal profile of a column, chosen again every PROFILE_EVERY new runs."""

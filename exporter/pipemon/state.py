@@ -105,6 +105,7 @@ class Snapshot(msgspec.Struct, array_like=True):
     last_abandoned: str = ""
     runs_reverted: int = 0
     hourly: list[tuple[int, float, float]] = []  # frequent pipelines' hourly summary (baseline.HourlySummary)
+    hourly_open: list[tuple[int, float, float]] = []  # the runs of the hour it is collecting
     weekdays: list[int] = []  # weekdays with runs started, per week (schedule.learn_weekday)
     weekdays_week: int = 0
     # The recent-runs ring (issue 15): run ids, and per run status, started, finished, duration, records.
@@ -276,7 +277,8 @@ class PipelineState:
             list(self.gaps), self.starts_seen,
             data_clock=self.data_clock, data_clock_at=self.data_clock_at, arrived=self.arrived,
             abandoned=self.abandoned, last_abandoned=self.last_abandoned, runs_reverted=self.runs_reverted,
-            hourly=self.history.hourly_rows(), weekdays=self.weekdays, weekdays_week=self.weekdays_week,
+            hourly=self.history.hourly_rows(), hourly_open=self.history.hourly_open_rows(),
+            weekdays=self.weekdays, weekdays_week=self.weekdays_week,
             recent_ids=self.recent.ids, recent_values=self.recent.values.tolist(),
             last_run_failed_children=self.last_run_failed_children,
         )
@@ -286,12 +288,12 @@ class PipelineState:
                 history_size: int = 336, recent_runs: int = RECENT_RUNS) -> PipelineState:
         state = cls(spec, baseline_size, history_size, recent_runs)
         for name in Snapshot.__struct_fields__:
-            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "hourly", "recent_ids",
-                            "recent_values"):
+            if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "hourly", "hourly_open",
+                            "recent_ids", "recent_values"):
                 setattr(state, name, getattr(snap, name))
         state.recent = RecentRuns.from_lists(recent_runs, snap.recent_ids, snap.recent_values, state.seen)
         rows = snap.history or _rows_of_old_ring(snap)
-        state.history = RunHistory.from_rows(history_size, rows, snap.hourly)
+        state.history = RunHistory.from_rows(history_size, rows, snap.hourly, snap.hourly_open)
         state.gaps.extend(snap.gaps)
         if len(state.bucket_counts) != len(DURATION_BUCKETS) + 1:  # buckets changed between versions
             state.bucket_counts = [0] * len(DURATION_BUCKETS) + [state.duration_count]
