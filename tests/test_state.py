@@ -1,6 +1,9 @@
 """The state machine that applies run records: baselines, streaks, out-of-order events, retries."""
 
+import bisect
+import logging
 import math
+import random
 
 import msgspec
 from hypothesis import given, settings
@@ -408,3 +411,33 @@ def test_a_slow_run_without_start_events_does_not_make_the_next_one_overdue_at_o
     state = pipelines.get("p")
     assert state.last_start_ts + 600 + 100 < slow_finish  # the start-based due lies before this finish ...
     assert state.next_run_due() == slow_finish + 300  # ... so half an interval after the finish counts
+
+
+def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulative_counts(caplog):
+    from pipemon import state as state_module
+    from pipemon.state import DEFAULT_DURATION_BUCKETS, LEGACY_DURATION_BUCKETS, rebin_counts
+
+    state_module._rebinned_logged.clear()
+
+    rng = random.Random(3)
+    durations = [rng.lognormvariate(6, 1.5) for _ in range(500)]
+    state, _ = apply_all([finish(f"r{i}", 1000.0 + i, duration=d) for i, d in enumerate(durations)])
+    legacy = [0] * (len(LEGACY_DURATION_BUCKETS) + 1)
+    for d in durations:
+        legacy[bisect.bisect_left(LEGACY_DURATION_BUCKETS, d)] += 1
+    # a checkpoint of an older version: counted with the 16 legacy bounds, which it did not save
+    snap = msgspec.structs.replace(state.snapshot(), bucket_counts=legacy, duration_buckets=[])
+    with caplog.at_level(logging.WARNING, logger="pipemon.state"):
+        restored = [PipelineState.restore(snap, SPEC, 30).bucket_counts for _ in range(2)]
+    moved = restored[0]
+    assert sum(moved) == len(durations) and restored[1] == moved
+    for i, bound in enumerate(DEFAULT_DURATION_BUCKETS):
+        counted, truly = sum(moved[:i + 1]), sum(1 for d in durations if d <= bound)
+        if bound in LEGACY_DURATION_BUCKETS:  # exact where both sets of bounds have it: no `le` series goes down
+            assert counted == truly
+        else:  # elsewhere never more runs under a bound than there were
+            assert counted <= truly
+    assert len([r for r in caplog.records if "duration buckets" in r.message]) == 1  # logged once
+    # saved with the bounds in force: kept as they are
+    assert PipelineState.restore(state.snapshot(), SPEC, 30).bucket_counts == state.bucket_counts
+    assert rebin_counts([1, 2, 3], None, DEFAULT_DURATION_BUCKETS) == [0] * len(DEFAULT_DURATION_BUCKETS) + [6]

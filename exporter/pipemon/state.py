@@ -7,6 +7,7 @@ storage rebuild the state after a restart by replaying its log on top of the las
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -36,6 +37,12 @@ NAN = math.nan
 # (11 series with +Inf, _sum, _count), enough for dashboards' p50/p99 of runs minutes to hours long.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (15, 60, 300, 900, 1800, 3600, 10800, 43200)
 DURATION_BUCKETS: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
+# The bounds of checkpoints written before they were saved with them (up to 44559f7): one per bucket count.
+LEGACY_DURATION_BUCKETS: tuple[float, ...] = (
+    1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
+)
+log = logging.getLogger("pipemon.state")
+_rebinned_logged: set[tuple[tuple[float, ...] | None, tuple[float, ...]]] = set()
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:
@@ -51,7 +58,7 @@ def parse_buckets(text: str) -> tuple[float, ...]:
 
 def set_duration_buckets(bounds: tuple[float, ...]) -> None:
     """The histogram's bounds for this process; set before any state is built or restored (a restored
-    pipeline whose bucket count differs starts its distribution over, its runs counted in +Inf)."""
+    pipeline saved with other bounds has its counts moved into the new buckets: rebin_counts)."""
     global DURATION_BUCKETS
     DURATION_BUCKETS = tuple(bounds)
 STARTED, FINISHED = 1, 2
@@ -112,6 +119,7 @@ class Snapshot(msgspec.Struct, array_like=True):
     recent_ids: list[str] = []
     recent_values: list[float] = []
     last_run_failed_children: list[str] = []  # issue 13; absent from older checkpoints
+    duration_buckets: list[float] = []  # the bounds bucket_counts were counted with; absent from older ones
 
 
 class PipelineState:
@@ -280,7 +288,7 @@ class PipelineState:
             hourly=self.history.hourly_rows(), hourly_open=self.history.hourly_open_rows(),
             weekdays=self.weekdays, weekdays_week=self.weekdays_week,
             recent_ids=self.recent.ids, recent_values=self.recent.values.tolist(),
-            last_run_failed_children=self.last_run_failed_children,
+            last_run_failed_children=self.last_run_failed_children, duration_buckets=list(DURATION_BUCKETS),
         )
 
     @classmethod
@@ -289,14 +297,13 @@ class PipelineState:
         state = cls(spec, baseline_size, history_size, recent_runs)
         for name in Snapshot.__struct_fields__:
             if name not in ("ring", "pending", "name", "covers_seq", "history", "gaps", "hourly", "hourly_open",
-                            "recent_ids", "recent_values"):
+                            "recent_ids", "recent_values", "duration_buckets"):
                 setattr(state, name, getattr(snap, name))
         state.recent = RecentRuns.from_lists(recent_runs, snap.recent_ids, snap.recent_values, state.seen)
         rows = snap.history or _rows_of_old_ring(snap)
         state.history = RunHistory.from_rows(history_size, rows, snap.hourly, snap.hourly_open)
         state.gaps.extend(snap.gaps)
-        if len(state.bucket_counts) != len(DURATION_BUCKETS) + 1:  # buckets changed between versions
-            state.bucket_counts = [0] * len(DURATION_BUCKETS) + [state.duration_count]
+        state.bucket_counts = rebin_counts(snap.bucket_counts, saved_bounds(snap), DURATION_BUCKETS)
         return state
 
 
@@ -560,6 +567,37 @@ def _throughput(records: int | None, duration: float | None) -> float:
     if duration > 0:
         return records / duration
     return 0.0 if records == 0 else NAN
+
+
+def saved_bounds(snap: Snapshot) -> tuple[float, ...] | None:
+    """The bounds a checkpoint's histogram was counted with; None when they cannot be known."""
+    if snap.duration_buckets:
+        return tuple(snap.duration_buckets)
+    if len(snap.bucket_counts) == len(LEGACY_DURATION_BUCKETS) + 1:
+        return LEGACY_DURATION_BUCKETS
+    return DURATION_BUCKETS if len(snap.bucket_counts) == len(DURATION_BUCKETS) + 1 else None
+
+
+def rebin_counts(counts: list[int], saved: tuple[float, ...] | None, bounds: tuple[float, ...]) -> list[int]:
+    """Per-bucket counts (the last one +Inf) moved from the saved bounds to `bounds`: each saved bucket into the
+    first new one whose bound is at least its own. A bound both sets share keeps its cumulative count, so no
+    `le` series Prometheus knows goes down; a run is never counted faster than it was. Unknown saved bounds:
+    every run in +Inf. Logged once per change of bounds."""
+    if saved == bounds:
+        return list(counts)
+    if (saved, bounds) not in _rebinned_logged:
+        _rebinned_logged.add((saved, bounds))
+        log.warning("checkpoints counted with duration buckets %s are moved into the buckets in force %s"
+                    " (--duration-buckets); bounds they do not share get approximate counts, unknown bounds"
+                    " put every run in +Inf", saved or "unknown", bounds)
+    moved = [0] * (len(bounds) + 1)
+    if saved is None:
+        moved[-1] = sum(counts)
+        return moved
+    for index, count in enumerate(counts):
+        upper = saved[index] if index < len(saved) else math.inf
+        moved[bisect.bisect_left(bounds, upper) if upper != math.inf else len(bounds)] += count
+    return moved
 
 
 def _bucket_index(duration: float) -> int:
