@@ -234,3 +234,16 @@ async def test_a_root_finish_answered_503_keeps_its_childrens_fold_for_the_retry
         await asyncio.sleep(0.1)
     assert body["status"] == "accepted", body
     assert value(await metrics(client), "pipeline_records_processed_total", **P) == 70
+
+
+async def test_a_delete_on_another_replica_finds_the_pipeline_just_created(exporter_client, pg_config):
+    from tests.conftest import make_tokens
+
+    tokens = make_tokens(root="admin")
+    a, b = await exporter_client(pg_config, tokens), await exporter_client(pg_config, tokens)
+    await _stall_follower(b)  # b hears of a's write only when it catches up itself
+    auth = {"Authorization": "Bearer root"}
+    assert (await a.post("/api/v1/runs", data=json.dumps(run("adhoc_new", "r1")), headers=auth)).status == 200
+    resp = await b.delete("/api/v1/pipelines/adhoc_new", headers=auth)
+    assert (resp.status, (await resp.json())["status"]) == (200, "deleted")
+    assert "adhoc_new" not in await metrics(a)

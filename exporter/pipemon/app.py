@@ -360,6 +360,7 @@ async def delete_pipeline(request: web.Request) -> web.Response:
     except Rejection as rejection:
         return error_response(rejection)
     name = request.match_info["name"]
+    await exp.recorder.catch_up()  # a pipeline another replica created a moment ago is not a 404
     if exp.recorder.pipelines.get(name) is None:
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     try:

@@ -293,22 +293,25 @@ class Recorder:
         if not self.storage.shared:
             return True
         async with self._apply_lock:
-            for attempt in (1, 2):  # a second try on a fresh connection: the first may have been cut
+            try:
+                rows = await self._read_log()
+            except StorageError:  # the connection may have been cut: once more, on a fresh one
                 try:
-                    try:
-                        rows = await self._in_thread(self.storage.read_since, self._applied_seq)
-                    except LogGap:
-                        await self._reload()
-                        rows = await self._in_thread(self.storage.read_since, self._applied_seq)
+                    rows = await self._read_log()
                 except StorageError as exc:
-                    if attempt == 2:
-                        log.warning("cannot catch up with the log, serving the state at position %d: %s",
-                                    self._applied_seq, exc)
-                        return False
-                    continue
-                self._apply_rows(rows)
-                return True
-        return False
+                    log.warning("cannot catch up with the log, serving the state at position %d: %s",
+                                self._applied_seq, exc)
+                    return False
+            self._apply_rows(rows)
+            return True
+
+    async def _read_log(self) -> list[Row]:
+        """The log's rows after the position applied; the checkpoints first when the log was truncated past it."""
+        try:
+            return await self._in_thread(self.storage.read_since, self._applied_seq)
+        except LogGap:
+            await self._reload()
+            return await self._in_thread(self.storage.read_since, self._applied_seq)
 
     def _notified(self, seq: int) -> None:
         if seq == 0 or seq > self._applied_seq:
