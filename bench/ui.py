@@ -27,10 +27,10 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from pipemon.app import EXPORTER_KEY, create_app
-from pipemon.config import ServeConfig
-from pipemon.events import Finish, Start
-from pipemon.recent import RecentRuns
+from pipemon.model.events import Finish, Start
+from pipemon.model.recent import RecentRuns
+from pipemon.service.app import EXPORTER_KEY, create_app
+from pipemon.service.config import ServeConfig
 from pipemon.web import UI_KEY
 
 TEAMS = 8
@@ -123,8 +123,8 @@ def ring_bytes(capacity: int = 50) -> tuple[float, float]:
 def rss_child(pipelines: int, recent_runs: int, overview: int) -> None:
     """In a fresh process: an exporter's state with `pipelines` pipelines of 60 runs, /metrics rendered
     (and, with `overview`, the overview judged and rendered once: its cached facts per pipeline)."""
-    from pipemon.app import Exporter
-    from pipemon.health import HealthJudge
+    from pipemon.model.health import HealthJudge
+    from pipemon.service.app import Exporter
     from pipemon.web import overview as page
     from pipemon.web.alerts import AlertView
 

@@ -6,9 +6,9 @@ import pytest
 # Tests import shared helpers as `tests.procs`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipemon.app import EXPORTER_KEY, create_app
-from pipemon.auth import TokenEntry, Tokens, hash_token
-from pipemon.config import ServeConfig
+from pipemon.service.app import EXPORTER_KEY, create_app
+from pipemon.service.auth import TokenEntry, Tokens, hash_token
+from pipemon.service.config import ServeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_REGISTRY = REPO / "pipelines.yaml"

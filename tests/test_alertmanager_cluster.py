@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from pipemon.alertmanager_render import alertmanager_command, dump_config, render_alertmanager_config
-from pipemon.registry import load_registry
+from pipemon.model.registry import load_registry
+from pipemon.render.alertmanager import alertmanager_command, dump_config, render_alertmanager_config
 from tests.procs import REPO, free_port, require_binary, running
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def sink(workdir: Path) -> Iterator[Sink]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipemon.sink", "--listen", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "pipemon.stack.sink", "--listen", f"127.0.0.1:{port}"]
     with running(cmd, f"{url}notifications", workdir / "sink.log", env=env):
         yield Sink(url)
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipemon.alertmanager_render import (
+from pipemon.cli import main
+from pipemon.model.registry import UNOWNED_TEAM, load_registry, parse_registry
+from pipemon.render.alertmanager import (
     SEVERITIES,
     dump_config,
     prometheus_alerting_config,
     receiver_for,
     render_alertmanager_config,
 )
-from pipemon.cli import main
-from pipemon.registry import UNOWNED_TEAM, load_registry, parse_registry
 from tests.procs import REPO, require_binary
 
 REGISTRY = REPO / "pipelines.yaml"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pipemon.alertmanager_render import dump_config, render_alertmanager_config
-from pipemon.registry import parse_registry
+from pipemon.model.registry import parse_registry
+from pipemon.render.alertmanager import dump_config, render_alertmanager_config
 from tests.procs import REPO, free_port, require_binary, running
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def delivered(tmp_path: Path) -> Iterator[dict[str, Any]]:
     am = [require_binary("prometheus-alertmanager"), f"--config.file={tmp_path / 'alertmanager.yml'}",
           f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web_port}",
           "--cluster.listen-address="]
-    with (running([sys.executable, "-m", "pipemon.sink", "--listen", f"127.0.0.1:{sink_port}"],
+    with (running([sys.executable, "-m", "pipemon.stack.sink", "--listen", f"127.0.0.1:{sink_port}"],
                   f"{sink}notifications", tmp_path / "sink.log"),
           running(am, f"http://127.0.0.1:{web_port}/-/ready", tmp_path / "am.log")):
         now = datetime.now(UTC)

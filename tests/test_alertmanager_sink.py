@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipemon.sink import make_app, one_line, summarize
+from pipemon.stack.sink import make_app, one_line, summarize
 
 PAYLOAD: dict[str, Any] = {
     "version": "4",

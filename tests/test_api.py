@@ -306,7 +306,7 @@ async def test_a_registry_that_is_not_utf8_is_a_clear_400_on_reload(exporter_cli
 
 
 async def test_runs_in_progress_are_capped_within_one_batch_too(exporter_client):
-    from pipemon.ingest import MAX_IN_PROGRESS_PER_PIPELINE as cap
+    from pipemon.service.ingest import MAX_IN_PROGRESS_PER_PIPELINE as cap
 
     client = await exporter_client()
     starts = [{"pipeline": "fresh_job", "run_id": f"s{i}"} for i in range(cap + 5)]

@@ -1,12 +1,12 @@
-"""pipemon.balancer (the one address of `pipemon stack --ha`): passes a replica that refuses connections over
+"""pipemon.stack.balancer (the one address of `pipemon stack --ha`): passes a replica that refuses connections over
 for the next, forwards bodies, queries and encodings as they are."""
 
 import asyncio
 import gzip
 import json
 
-from pipemon import balancer
-from pipemon.app import create_app
+from pipemon.service.app import create_app
+from pipemon.stack import balancer
 from tests.helpers import run, value
 from tests.procs import free_port
 

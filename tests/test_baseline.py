@@ -5,10 +5,10 @@ import random
 
 import msgspec
 
-from pipemon.baseline import NAN, HourlySummary, RunHistory, choose_profile, judge, log_duration, log_records
-from pipemon.events import Finish
-from pipemon.registry import PipelineSpec
-from pipemon.state import Pipelines, PipelineState, Snapshot
+from pipemon.model.baseline import NAN, HourlySummary, RunHistory, choose_profile, judge, log_duration, log_records
+from pipemon.model.events import Finish
+from pipemon.model.registry import PipelineSpec
+from pipemon.model.state import Pipelines, PipelineState, Snapshot
 
 HOUR, DAY = 3600, 86400
 T0 = 1_767_225_600  # Thursday 2026-01-01 00:00 UTC

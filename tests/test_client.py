@@ -13,8 +13,8 @@ from typing import ClassVar
 import pytest
 
 import pipemon
-from pipemon.app import EXPORTER_KEY, create_app
 from pipemon.client import Reporter
+from pipemon.service.app import EXPORTER_KEY, create_app
 from tests.helpers import value
 from tests.procs import free_port
 

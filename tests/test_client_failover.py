@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 
 import pipemon
-from pipemon.app import create_app
 from pipemon.client import Reporter, exporter_urls
+from pipemon.service.app import create_app
 from tests.helpers import value
 from tests.procs import free_port
 

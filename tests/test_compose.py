@@ -98,7 +98,7 @@ def test_exporter_serves_the_mounted_registry_into_its_state_volume():
 def test_demo_is_an_optional_profile_aimed_at_the_exporter():
     demo = services()["demo"]
     assert demo["profiles"] == ["demo"]
-    assert demo["command"][:3] == ["python", "-m", "pipemon.demo"]
+    assert demo["command"][:3] == ["python", "-m", "pipemon.stack.demo"]
     assert "http://exporter:9464" in demo["command"]
 
 

@@ -1,11 +1,11 @@
-"""The UI's health states (pipemon.health): the alert rules' definitions, at their thresholds."""
+"""The UI's health states (pipemon.model.health): the alert rules' definitions, at their thresholds."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipemon.events import Finish, Start
-from pipemon.health import (
+from pipemon.model.events import Finish, Start
+from pipemon.model.health import (
     FAILING,
     NEVER_RAN,
     OK,
@@ -18,9 +18,9 @@ from pipemon.health import (
     HealthJudge,
     packaged_rules_config,
 )
-from pipemon.registry import parse_registry
-from pipemon.rules_render import load_config
-from pipemon.state import Pipelines
+from pipemon.model.registry import parse_registry
+from pipemon.model.state import Pipelines
+from pipemon.render.rules import load_config
 from tests.conftest import REPO
 
 NOW = 1_800_000_000.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipemon.stack import write_rules
+from pipemon.stack.local import write_rules
 from tests.procs import REPO, free_port, require_binary, running
 from tests.test_web_ui import EXPECTED, REGISTRY, _events
 

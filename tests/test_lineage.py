@@ -20,7 +20,7 @@ from openlineage.client.serde import Serde
 from openlineage.client.transport.http import ApiKeyTokenProvider, HttpCompression, HttpConfig, HttpTransport
 from openlineage.client.uuid import generate_new_uuid
 
-from pipemon.app import EXPORTER_KEY, create_app
+from pipemon.service.app import EXPORTER_KEY, create_app
 from tests.conftest import EXAMPLE_REGISTRY, make_tokens
 from tests.helpers import same, samples, value
 from tests.procs import free_port, running

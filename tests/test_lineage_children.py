@@ -19,7 +19,7 @@ from openlineage.client.generated.base import RunFacet
 from openlineage.client.serde import Serde
 from openlineage.client.uuid import generate_new_uuid
 
-from pipemon.app import EXPORTER_KEY, create_app
+from pipemon.service.app import EXPORTER_KEY, create_app
 from tests.conftest import make_tokens
 from tests.helpers import value
 from tests.test_lineage import PRODUCER, Lineage
@@ -294,7 +294,7 @@ async def test_failed_children_survive_a_restart(aiohttp_client, config, tmp_pat
 
 
 def test_the_documented_orchestrators_registry_is_valid_and_shown_verbatim():
-    from pipemon.registry import load_registry
+    from pipemon.model.registry import load_registry
     from tests.integrations.common import REGISTRY as DOCUMENTED
 
     registry = load_registry(DOCUMENTED)

@@ -8,11 +8,11 @@ import time
 import msgspec
 import pytest
 
-from pipemon.events import Abandon
-from pipemon.recent import RecentRuns
-from pipemon.recorder import SNAPSHOT_DECODER
-from pipemon.registry import parse_registry
-from pipemon.state import Pipelines, PipelineState, Snapshot
+from pipemon.model.events import Abandon
+from pipemon.model.recent import RecentRuns
+from pipemon.model.registry import parse_registry
+from pipemon.model.state import Pipelines, PipelineState, Snapshot
+from pipemon.service.recorder import SNAPSHOT_DECODER
 from tests.helpers import iso, run
 
 
@@ -81,7 +81,7 @@ def _spec():
 
 
 def test_abandonment_is_a_run_of_the_ring_until_its_finish_replaces_it():
-    from pipemon.events import Finish, Start
+    from pipemon.model.events import Finish, Start
 
     pipelines = Pipelines(recent_runs=10)
     spec = _spec()
@@ -116,7 +116,7 @@ def test_a_ring_whose_lists_disagree_is_dropped_and_a_smaller_capacity_keeps_the
 def test_a_restored_ring_shares_its_run_ids_with_the_restored_dedup_window():
     pipelines = Pipelines(recent_runs=3)
     spec = _spec()
-    from pipemon.events import Finish
+    from pipemon.model.events import Finish
 
     for i in range(5):
         pipelines.apply(Finish("p", f"run-{i}-" + "x" * 30, True, 100.0 + i, 1.0, 1), lambda *_: spec)

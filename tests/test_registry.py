@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from pipemon.registry import THRESHOLD_NAMES, UNOWNED_TEAM, RegistryError, load_registry, parse_registry
+from pipemon.model.registry import THRESHOLD_NAMES, UNOWNED_TEAM, RegistryError, load_registry, parse_registry
 from tests.conftest import EXAMPLE_REGISTRY
 
 BASE = "teams:\n  data: {}\n"

@@ -10,8 +10,8 @@ from openlineage.client import OpenLineageClient
 from openlineage.client.event_v2 import RunState
 from openlineage.client.transport.file import FileConfig, FileTransport
 
-from pipemon.app import create_app
 from pipemon.cli import main
+from pipemon.service.app import create_app
 from tests.helpers import iso, value
 from tests.procs import free_port
 from tests.test_lineage_children import REGISTRY, event, rid

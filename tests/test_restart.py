@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from pipemon.recorder import state_path
+from pipemon.service.recorder import state_path
 from tests.conftest import make_tokens
 from tests.helpers import run, samples, value
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipemon import rules_render
-from pipemon.registry import THRESHOLD_NAMES
+from pipemon.model.registry import THRESHOLD_NAMES
+from pipemon.render import rules as rules_render
 from tests.procs import REPO, require_binary
 
 RULES_DIR = REPO / "rules"

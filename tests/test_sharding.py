@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from pipemon.sharding import shard_of
+from pipemon.service.sharding import shard_of
 from tests.helpers import run, samples
 
 

@@ -9,9 +9,9 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipemon.events import Abandon, Finish, Start
-from pipemon.registry import PipelineSpec
-from pipemon.state import Pipelines, PipelineState
+from pipemon.model.events import Abandon, Finish, Start
+from pipemon.model.registry import PipelineSpec
+from pipemon.model.state import Pipelines, PipelineState
 
 SPEC = PipelineSpec("p", "data", "standard", 3600, 600, None, expected_interval_explicit=True)
 
@@ -414,8 +414,8 @@ def test_a_slow_run_without_start_events_does_not_make_the_next_one_overdue_at_o
 
 
 def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulative_counts(caplog):
-    from pipemon import state as state_module
-    from pipemon.state import DEFAULT_DURATION_BUCKETS, LEGACY_DURATION_BUCKETS, rebin_counts
+    from pipemon.model import state as state_module
+    from pipemon.model.state import DEFAULT_DURATION_BUCKETS, LEGACY_DURATION_BUCKETS, rebin_counts
 
     state_module._rebinned_logged.clear()
 
@@ -427,7 +427,7 @@ def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulat
         legacy[bisect.bisect_left(LEGACY_DURATION_BUCKETS, d)] += 1
     # a checkpoint of an older version: counted with the 16 legacy bounds, which it did not save
     snap = msgspec.structs.replace(state.snapshot(), bucket_counts=legacy, duration_buckets=[])
-    with caplog.at_level(logging.WARNING, logger="pipemon.state"):
+    with caplog.at_level(logging.WARNING, logger="pipemon.model.state"):
         restored = [PipelineState.restore(snap, SPEC, 30).bucket_counts for _ in range(2)]
     moved = restored[0]
     assert sum(moved) == len(durations) and restored[1] == moved

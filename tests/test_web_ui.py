@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pipemon.auth import hash_token
+from pipemon.service.auth import hash_token
 from tests.helpers import iso
 from tests.procs import free_port, require_binary, running
 

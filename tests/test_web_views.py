@@ -10,8 +10,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipemon.auth import TokenEntry, Tokens, TokensError, hash_token, load_tokens
-from pipemon.config import add_serve_arguments, config_from_args
+from pipemon.service.auth import TokenEntry, Tokens, TokensError, hash_token, load_tokens
+from pipemon.service.config import add_serve_arguments, config_from_args
 from tests.helpers import iso, run
 from tests.procs import free_port
 
@@ -129,8 +129,8 @@ def test_protect_reads_needs_tokens_and_tokens_need_exactly_one_kind(tmp_path):
 def test_basic_auth_on_metrics_and_protect_reads_are_refused_together(tmp_path, config):
     import bcrypt
 
-    from pipemon.serve import serve
-    from pipemon.webconfig import WebConfigError
+    from pipemon.service.serve import serve
+    from pipemon.web.config import WebConfigError
 
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
     (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")

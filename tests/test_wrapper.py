@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from pipemon.app import create_app
+from pipemon.service.app import create_app
 from tests.helpers import value
 from tests.procs import free_port
 

@@ -8,14 +8,15 @@ import sys
 
 # subcommand -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("pipemon.serve", "run the exporter"),
-    "check-config": ("pipemon.check_config", "validate a registry file (pipelines.yaml)"),
-    "render-rules": ("pipemon.rules_render", "render Prometheus rule files from rules/config.yaml"),
-    "render-alertmanager": ("pipemon.alertmanager_render", "render alertmanager.yml from the registry"),
-    "stack": ("pipemon.stack", "run exporter, Prometheus and two Alertmanagers locally"),
-    "run": ("pipemon.wrapper", "run a command and report it as a pipeline run"),
-    "replay": ("pipemon.replay", "send NDJSON files of OpenLineage or native events (kept while pipemon was down)"),
-    "hash-token": ("pipemon.auth", "print the hash of a token, for the tokens file"),
+    "serve": ("pipemon.service.serve", "run the exporter"),
+    "check-config": ("pipemon.render.check", "validate a registry file (pipelines.yaml)"),
+    "render-rules": ("pipemon.render.rules", "render Prometheus rule files from rules/config.yaml"),
+    "render-alertmanager": ("pipemon.render.alertmanager", "render alertmanager.yml from the registry"),
+    "stack": ("pipemon.stack.local", "run exporter, Prometheus and two Alertmanagers locally"),
+    "run": ("pipemon.client.wrapper", "run a command and report it as a pipeline run"),
+    "replay": ("pipemon.client.replay",
+               "send NDJSON files of OpenLineage or native events (kept while pipemon was down)"),
+    "hash-token": ("pipemon.service.auth", "print the hash of a token, for the tokens file"),
 }
 
 

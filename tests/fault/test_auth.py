@@ -18,7 +18,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from pipemon.auth import TokenEntry, Tokens, hash_token
+from pipemon.service.auth import TokenEntry, Tokens, hash_token
 from tests.fault.common import Exporter, metric, pipeline_samples, request, scrape
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]

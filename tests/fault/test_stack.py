@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipemon import stack as pstack
+from pipemon.stack import local as pstack
 from tests.fault.common import request, wait_until
 from tests.procs import REPO, free_port, require_binary
 

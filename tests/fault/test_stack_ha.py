@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipemon import pglocal
-from pipemon import stack as pstack
+from pipemon.stack import local as pstack
+from pipemon.stack import pglocal
 from tests.fault.common import request, wait_until
 from tests.fault.test_stack import QUIET, firing, run
 from tests.procs import REPO, free_port, require_binary

@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from pipemon.auth import Principal, Tokens
+from pipemon.service.auth import Principal, Tokens
 
 COOKIE = "pipemon_session"
 SESSION_SECONDS = 12 * 3600

@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from pipemon.health import LABELS, RANK, STATES, Health, HealthJudge
-from pipemon.state import PipelineState
+from pipemon.model.health import LABELS, RANK, STATES, Health, HealthJudge
+from pipemon.model.state import PipelineState
 from pipemon.web.alerts import AlertView
 from pipemon.web.html import duration, e, percent, query, url_path, when
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipemon.baseline import log_duration, log_records
-from pipemon.health import Health, HealthJudge
-from pipemon.recent import Run
-from pipemon.registry import THRESHOLD_NAMES
-from pipemon.state import PipelineState
+from pipemon.model.baseline import log_duration, log_records
+from pipemon.model.health import Health, HealthJudge
+from pipemon.model.recent import Run
+from pipemon.model.registry import THRESHOLD_NAMES
+from pipemon.model.state import PipelineState
 from pipemon.web.alerts import AlertView, prometheus_graph_url, silence_url
 from pipemon.web.html import duration, e, number, url_path, when
 from pipemon.web.overview import badge

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pipemon.recent import Run
+from pipemon.model.recent import Run
 from pipemon.web.html import e
 
 WIDTH, HEIGHT, PAD_LEFT, PAD_RIGHT, PAD_Y = 640, 180, 56, 8, 14

@@ -11,8 +11,8 @@ from importlib import resources
 
 from aiohttp import web
 
-from pipemon.health import HealthJudge
-from pipemon.state import Pipelines
+from pipemon.model.health import HealthJudge
+from pipemon.model.state import Pipelines
 from pipemon.web import overview, pipeline
 from pipemon.web.access import COOKIE, Sessions, may_read, read_guard, reader
 from pipemon.web.alerts import AlertSource

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pipemon.rules_render import RulesConfig, ScheduleClass, load_config
-from pipemon.state import PipelineState
+from pipemon.model.state import PipelineState
+from pipemon.render.rules import RulesConfig, ScheduleClass, load_config
 
 # Worst first: the order of the overview.
 FAILING, STUCK, STALE, THROUGHPUT_DROP, VOLUME_LOW, SLOW, NEVER_RAN, OK = (

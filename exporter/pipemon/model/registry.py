@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from pipemon import schedule as cron
-from pipemon.durations import parse_duration
+from pipemon.model import schedule as cron
+from pipemon.model.durations import parse_duration
 
 UNOWNED_TEAM = "unowned"
 SCHEDULE_REFERENCE = 1704067200.0  # Monday 2024-01-01 00:00 UTC: where a schedule's "every N" is read

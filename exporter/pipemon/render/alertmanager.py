@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from pipemon.durations import parse_duration
-from pipemon.registry import Registry, RegistryError, Team, load_registry
+from pipemon.model.durations import parse_duration
+from pipemon.model.registry import Registry, RegistryError, Team, load_registry
 
 DEFAULT_OUT = "alertmanager/alertmanager.yml"
 DEFAULT_RECEIVER = "default"

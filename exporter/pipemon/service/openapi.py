@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 
 from pipemon import __version__
-from pipemon.events import RunFinished, RunStarted
-from pipemon.lineage import RunEvent
+from pipemon.model.events import RunFinished, RunStarted
+from pipemon.openlineage.converter import RunEvent
 
 _ERROR = {
     "type": "object",

@@ -1,4 +1,4 @@
-"""`python -m pipemon.balancer`: one address in front of exporter replicas, for `pipemon stack --ha`.
+"""`python -m pipemon.stack.balancer`: one address in front of exporter replicas, for `pipemon stack --ha`.
 
 What a load balancer or a Kubernetes Service does in production, in a few lines for the local stack: every
 request goes to the replica that answered last; one that refuses the connection (or times out before
@@ -15,7 +15,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-log = logging.getLogger("pipemon.balancer")
+log = logging.getLogger("pipemon.stack.balancer")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 UPSTREAM_KEY = web.AppKey("upstreams", "Upstreams")

@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
-from pipemon import state as state_module
-from pipemon.state import SUCCESS_WINDOWS, PipelineState
+from pipemon.model import state as state_module
+from pipemon.model.state import SUCCESS_WINDOWS, PipelineState
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"

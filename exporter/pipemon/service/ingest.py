@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from pipemon.auth import Principal
-from pipemon.events import BATCH_ITEM_TYPES, InvalidEvent, Record, Start, names_match_pattern
-from pipemon.registry import UNOWNED_TEAM, Registry
-from pipemon.state import FINISHED, STARTED, Pipelines
+from pipemon.model.events import BATCH_ITEM_TYPES, InvalidEvent, Record, Start, names_match_pattern
+from pipemon.model.registry import UNOWNED_TEAM, Registry
+from pipemon.model.state import FINISHED, STARTED, Pipelines
+from pipemon.service.auth import Principal
 
 _FIELD_AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _FIELD_NAMED = re.compile(r"field `([^`]+)`")

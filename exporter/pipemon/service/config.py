@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipemon.backends import is_postgres_url
-from pipemon.lineage import check_name_template
-from pipemon.state import DEFAULT_DURATION_BUCKETS, parse_buckets
+from pipemon.model.state import DEFAULT_DURATION_BUCKETS, parse_buckets
+from pipemon.openlineage.converter import check_name_template
 
 
 @dataclass(frozen=True)

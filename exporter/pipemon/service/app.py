@@ -11,10 +11,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from pipemon.auth import Principal, Tokens
 from pipemon.backends import StorageError, open_backend
-from pipemon.config import ServeConfig
-from pipemon.events import (
+from pipemon.model.events import (
     Finish,
     Forget,
     Record,
@@ -24,22 +22,24 @@ from pipemon.events import (
     finished_record,
     started_record,
 )
-from pipemon.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
-from pipemon.health import HealthJudge
-from pipemon.ingest import Admission, Ignored, Rejection, decode_batch, decode_item, split_items, to_record
-from pipemon.lineage import LineageConverter, RunEvent
-from pipemon.openapi import openapi_spec
+from pipemon.model.health import HealthJudge
+from pipemon.model.registry import Registry, RegistryError, load_registry, parse_registry
+from pipemon.model.state import SUCCESS_WINDOWS, PipelineState, parse_buckets, set_duration_buckets
+from pipemon.openlineage.converter import LineageConverter, RunEvent
 from pipemon.openlineage.folding import Folds, FoldSession
-from pipemon.recorder import Recorder, RecorderSettings
-from pipemon.registry import Registry, RegistryError, load_registry, parse_registry
-from pipemon.selfmetrics import ExporterMetrics
-from pipemon.sharding import ShardError, parse_shard, shard_filter
-from pipemon.state import SUCCESS_WINDOWS, PipelineState, parse_buckets, set_duration_buckets
+from pipemon.service.auth import Principal, Tokens
+from pipemon.service.config import ServeConfig
+from pipemon.service.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, MetricsRenderer
+from pipemon.service.ingest import Admission, Ignored, Rejection, decode_batch, decode_item, split_items, to_record
+from pipemon.service.openapi import openapi_spec
+from pipemon.service.recorder import Recorder, RecorderSettings
+from pipemon.service.selfmetrics import ExporterMetrics
+from pipemon.service.sharding import ShardError, parse_shard, shard_filter
 from pipemon.web import Ui, install
 from pipemon.web.access import Sessions, may_read, reader
 from pipemon.web.alerts import AlertSource
+from pipemon.web.config import WebConfig
 from pipemon.web.pipeline import Links
-from pipemon.webconfig import WebConfig
 
 log = logging.getLogger("pipemon")
 EXPORTER_KEY = web.AppKey("exporter", "Exporter")

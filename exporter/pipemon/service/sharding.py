@@ -7,7 +7,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 
-from pipemon.state import PipelineState
+from pipemon.model.state import PipelineState
 
 MAX_SHARDS = 1024
 

@@ -19,13 +19,13 @@ import msgspec
 
 from pipemon.backends import Loaded, LogGap, Row, StateBackend, StorageError
 from pipemon.backends.sqlite import state_path
-from pipemon.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Forget, Record
-from pipemon.recent import RECENT_RUNS
-from pipemon.registry import PipelineSpec, Registry
-from pipemon.selfmetrics import ExporterMetrics
-from pipemon.state import Pipelines, PipelineState, Snapshot
+from pipemon.model.events import RECORD_DECODER, RECORD_ENCODER, Abandon, Forget, Record
+from pipemon.model.recent import RECENT_RUNS
+from pipemon.model.registry import PipelineSpec, Registry
+from pipemon.model.state import Pipelines, PipelineState, Snapshot
+from pipemon.service.selfmetrics import ExporterMetrics
 
-log = logging.getLogger("pipemon.recorder")
+log = logging.getLogger("pipemon.service.recorder")
 SNAPSHOT_DECODER = msgspec.msgpack.Decoder(Snapshot)
 CHECKPOINT_CHUNK = 200  # snapshots encoded between two yields to the event loop
 CHECKPOINT_WRITE_CHUNK = 500  # snapshots per transaction: log appends wait for one chunk at most

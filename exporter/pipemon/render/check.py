@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipemon.registry import RegistryError, load_registry
+from pipemon.model.registry import RegistryError, load_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

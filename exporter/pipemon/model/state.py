@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
-from pipemon import schedule
-from pipemon.baseline import (
+from pipemon.model import schedule
+from pipemon.model.baseline import (
     MIN_DURATION_SPREAD_SECONDS,
     NO_JUDGEMENT,
     SPREAD_SAMPLES,
@@ -28,9 +28,9 @@ from pipemon.baseline import (
     slots_of,
     temper,
 )
-from pipemon.events import Abandon, Discard, Finish, Forget, Record, Start
-from pipemon.recent import ABANDONED, FAILURE, RECENT_RUNS, SUCCESS, RecentRuns
-from pipemon.registry import PipelineSpec
+from pipemon.model.events import Abandon, Discard, Finish, Forget, Record, Start
+from pipemon.model.recent import ABANDONED, FAILURE, RECENT_RUNS, SUCCESS, RecentRuns
+from pipemon.model.registry import PipelineSpec
 
 NAN = math.nan
 # Histogram buckets for batch work, 15 s to 12 h: each bucket is a series per pipeline in Prometheus, so eight
@@ -41,7 +41,7 @@ DURATION_BUCKETS: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
 LEGACY_DURATION_BUCKETS: tuple[float, ...] = (
     1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
 )
-log = logging.getLogger("pipemon.state")
+log = logging.getLogger("pipemon.model.state")
 _rebinned_logged: set[tuple[tuple[float, ...] | None, tuple[float, ...]]] = set()
 
 

@@ -19,7 +19,7 @@ from typing import Annotated
 import msgspec
 import yaml
 
-from pipemon.registry import TEAM_NAME_PATTERN
+from pipemon.model.registry import TEAM_NAME_PATTERN
 
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 

@@ -1,6 +1,6 @@
 """A webhook sink for Alertmanager notifications: records each one and prints a one-line summary.
 
-    python -m pipemon.sink --listen 127.0.0.1:9099
+    python -m pipemon.stack.sink --listen 127.0.0.1:9099
 
 POST any path: a notification (Alertmanager webhook JSON; Slack and PagerDuty payloads are kept as they come).
 GET /notifications: everything received, oldest first, as JSON. DELETE /notifications: forget it all.
@@ -94,7 +94,7 @@ def make_app() -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipemon.sink", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipemon.stack.sink", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:9099", help="HOST:PORT (default 127.0.0.1:9099)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")

@@ -10,13 +10,13 @@ import sys
 
 from aiohttp import web
 
-from pipemon.app import EXPORTER_KEY, create_app
-from pipemon.auth import TokensError, load_tokens
 from pipemon.backends import StorageError
-from pipemon.config import ServeConfig, add_serve_arguments, config_from_args
-from pipemon.registry import RegistryError
-from pipemon.rules_render import ConfigError
-from pipemon.webconfig import WebConfigError, load_web_config
+from pipemon.model.registry import RegistryError
+from pipemon.render.rules import ConfigError
+from pipemon.service.app import EXPORTER_KEY, create_app
+from pipemon.service.auth import TokensError, load_tokens
+from pipemon.service.config import ServeConfig, add_serve_arguments, config_from_args
+from pipemon.web.config import WebConfigError, load_web_config
 
 log = logging.getLogger("pipemon")
 

@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from pipemon.events import (
+from pipemon.model.events import (
     MAX_RECORDS,
     Discard,
     Finish,
@@ -41,13 +41,13 @@ from pipemon.events import (
     _epoch,
     received,
 )
-from pipemon.ingest import Ignored
+from pipemon.model.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Registry
+from pipemon.model.state import Pipelines
 from pipemon.openlineage import facets as ol
 from pipemon.openlineage.folding import Folds, FoldSession, RootKey
-from pipemon.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Registry
-from pipemon.state import Pipelines
+from pipemon.service.ingest import Ignored
 
-log = logging.getLogger("pipemon.lineage")
+log = logging.getLogger("pipemon.openlineage.converter")
 DEFAULT_NAME_TEMPLATE = "{name}"
 Namespace = Annotated[str, msgspec.Meta(min_length=1, max_length=PIPELINE_NAME_MAX, pattern=PIPELINE_NAME_PATTERN)]
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from pipemon.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, TEAM_NAME_PATTERN
+from pipemon.model.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, TEAM_NAME_PATTERN
 
 MAX_DURATION_SECONDS = 366 * 86400.0
 MAX_RECORDS = 2**53  # exact in a float64 sample value

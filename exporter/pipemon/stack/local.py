@@ -6,7 +6,7 @@ rendered from rules/config.yaml, sending to both Alertmanagers). State and logs 
 Ctrl-C (or SIGTERM) stops every child; children also get SIGTERM if this process dies.
 
 `--ha` runs the high-availability set-up instead (docs/scaling.md): a local PostgreSQL, two exporter replicas
-over it behind one address (pipemon.balancer, what a load balancer does in production), and two Prometheus
+over it behind one address (pipemon.stack.balancer, what a load balancer does in production), and two Prometheus
 servers with the same rules and `external_labels` replica a/b, both sending to the Alertmanager cluster with
 the replica label dropped from their alerts, so each alert is notified once.
 """
@@ -30,9 +30,11 @@ from typing import Any
 import msgspec
 import yaml
 
-from pipemon import alertmanager_render, demo, pglocal, rules_render
-from pipemon.durations import format_duration, parse_duration
-from pipemon.registry import RegistryError, load_registry
+from pipemon.model.durations import format_duration, parse_duration
+from pipemon.model.registry import RegistryError, load_registry
+from pipemon.render import alertmanager as alertmanager_render
+from pipemon.render import rules as rules_render
+from pipemon.stack import demo, pglocal
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -173,7 +175,7 @@ def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, regis
     d = stack.directory
     py = sys.executable
     sink_url = f"http://127.0.0.1:{ports.sink}/alertmanager"
-    stack.start("sink", [py, "-u", "-m", "pipemon.sink", "--listen", f"127.0.0.1:{ports.sink}"],
+    stack.start("sink", [py, "-u", "-m", "pipemon.stack.sink", "--listen", f"127.0.0.1:{ports.sink}"],
                 f"http://127.0.0.1:{ports.sink}/notifications", quiet=False)
     # the web UI shows the alerts of both Alertmanagers, judges by the stack's rules config, links to Prometheus
     ui = [arg for web in ports.alertmanagers for arg in ("--alertmanager-url", f"http://127.0.0.1:{web}")]
@@ -222,7 +224,7 @@ def start_replicas(stack: Stack, ports: StackPorts, ha: HAPorts, registry: Path,
                                           *ui],
                     f"http://127.0.0.1:{port}/-/ready")
     upstreams = [arg for port in ha.replicas for arg in ("--upstream", f"http://127.0.0.1:{port}")]
-    stack.start("balancer", [py, "-m", "pipemon.balancer", "--listen", f"127.0.0.1:{ports.exporter}", *upstreams],
+    stack.start("balancer", [py, "-m", "pipemon.stack.balancer", "--listen", f"127.0.0.1:{ports.exporter}", *upstreams],
                 f"http://127.0.0.1:{ports.exporter}/-/ready")
 
 
@@ -330,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             start_stack(args, ports, stack, registry, ha)
             if args.demo:
-                stack.start("demo", [sys.executable, "-m", "pipemon.demo", "--url",
+                stack.start("demo", [sys.executable, "-m", "pipemon.stack.demo", "--url",
                                      f"http://127.0.0.1:{ports.exporter}"],
                             f"http://127.0.0.1:{ports.exporter}/-/ready")
             print(banner(ports, directory, args.demo, ha), flush=True)

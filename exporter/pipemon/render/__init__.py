@@ -1,0 +1,1 @@
+"""Configuration renderers and checks: Prometheus rules, the Alertmanager config, `check-config`."""

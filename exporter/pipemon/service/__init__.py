@@ -1,0 +1,1 @@
+"""The exporter service: request handling, ingest, authorisation, the recorder and the exposition."""
