@@ -15,7 +15,6 @@ run itself still counts). Bounded: at most MAX_ROOTS root runs in progress are r
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,14 +108,26 @@ class _Overlay(Folds):
     def _existing(self, root: RootKey) -> RootFold | None:
         if root not in self._roots and root not in self._closed:
             shared = self._shared._existing(root)
-            if shared is not None:
-                self._roots[root] = copy.deepcopy(shared)
+            if shared is not None:  # a copy, but not of its finished children: a big dbt run has thousands
+                self._roots[root] = RootFold(shared.records, dict(shared.failed), dict(shared.tracked),
+                                             _SetOver(shared.finished))
         return self._roots.get(root)
 
     def close(self, root: RootKey) -> RootFold | None:
         fold = super().close(root)
         self._closed.add(root)  # not seeded from the shared folds again
         return fold
+
+
+class _SetOver(set):
+    """A set over a shared one it leaves alone: what is added goes here, membership is either's."""
+
+    def __init__(self, shared: set[str]) -> None:
+        super().__init__()
+        self._shared = shared
+
+    def __contains__(self, item: object) -> bool:
+        return super().__contains__(item) or item in self._shared
 
 
 class FoldSession:
