@@ -72,13 +72,13 @@ def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_
     registry.write_text(REGISTRY)
     ports = pstack.StackPorts(free_port(), free_port(), (free_port(), free_port()), (free_port(), free_port()),
                               free_port())
-    ha = pstack.HAPorts((free_port(), free_port()), free_port(), free_port())
+    ha = pstack.HAPorts((free_port(), free_port()), free_port(), free_port(), free_port())
     exporter, sink = f"http://127.0.0.1:{ports.exporter}", f"http://127.0.0.1:{ports.sink}"
     proms = [f"http://127.0.0.1:{ports.prometheus}", f"http://127.0.0.1:{ha.prometheus_b}"]
     args = argparse.Namespace(
         rules_config=REPO / "rules" / "config.yaml", templates=REPO / "alertmanager" / "templates",
         scrape_interval="1s", evaluation_interval="1s", max_for="5s", group_wait="1s", group_interval="1s",
-        repeat_interval="1h")
+        repeat_interval="1h", vm_retention="1d")
     directory = tmp_path / "stack"
     directory.mkdir()
     st = pstack.Stack(directory)
