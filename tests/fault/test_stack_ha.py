@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,25 @@ def watch_alerts(prom: str, until, timeout: float) -> set[str]:
     return seen
 
 
+def assert_one_deduplicated_series_in_victoriametrics(vm: str) -> None:
+    """Both Prometheus servers wrote to VictoriaMetrics without their replica label: one `up` series for the
+    pair, holding one sample per scrape interval (1 s here; without deduplication the pair's two per second).
+    Asked 35 s back: VictoriaMetrics shows data once -search.latencyOffset (30 s) has passed."""
+    def series(expr: str) -> list[dict]:
+        query = urllib.parse.urlencode({"query": expr, "time": f"{time.time() - 35:.3f}"})
+        return request(f"{vm}/api/v1/query?{query}")[1]["data"]["result"]
+
+    wait_until(lambda: series('up{job="pipemon"}'), 60, "the pair's samples in VictoriaMetrics")
+    assert not series('{replica!=""}'), series('{replica!=""}')[:3]
+    (up,) = series('up{job="pipemon"}')
+    assert "replica" not in up["metric"]
+    def samples() -> float:
+        return max((float(r["value"][1]) for r in series('count_over_time(up{job="pipemon"}[10s])')), default=0)
+
+    wait_until(lambda: samples() >= 9, 60, "10 s of the pair's scrapes in VictoriaMetrics")
+    assert samples() <= 12, samples()
+
+
 def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_killed(tmp_path: Path) -> None:
     require_binary("/usr/bin/prometheus")
     require_binary("/usr/bin/prometheus-alertmanager")
@@ -105,6 +125,7 @@ def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_
         time.sleep(QUIET)
         delivered = firing(sink) - baseline
         assert delivered[key] == 1 and max(delivered.values()) == 1, delivered
+        assert_one_deduplicated_series_in_victoriametrics(f"http://127.0.0.1:{ha.victoriametrics}")
 
         # One of each killed: Prometheus a, Alertmanager 1, exporter replica 1 (the balancer moves on).
         for name in ("prometheus-a", "alertmanager-1", "exporter-1"):
