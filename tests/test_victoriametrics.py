@@ -73,6 +73,26 @@ def all_queries() -> list[tuple[str, str]]:
     return rule_exprs() + [(label, expr) for label, expr, _ in grafana.panel_queries()]
 
 
+LABEL_VALUES = re.compile(r"^label_values\((.*),\s*(\w+)\)$")
+
+
+def variable_queries() -> list[tuple[str, str, str]]:
+    """(dashboard / variable, selector, label) of every `label_values(selector, label)` template variable."""
+    found = []
+    for uid, board in sorted(grafana.committed().items()):
+        for variable in board["templating"]["list"]:
+            if variable["type"] == "query" and (m := LABEL_VALUES.match(grafana.substitute(str(variable["query"])))):
+                found.append((f"{uid} / ${variable['name']}", m.group(1), m.group(2)))
+    return found
+
+
+def label_values(url: str, selector: str, label: str) -> list[str]:
+    """What Grafana asks for a `label_values` variable."""
+    body = grafana.http_json(f"{url}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": selector}))
+    assert body.get("status") == "success", f"{url}: {body}"
+    return sorted(body["data"])
+
+
 def query(url: str, expr: str, t: float) -> Answer:
     """An instant query at `t`; AssertionError if the engine answers with an error."""
     body = grafana.http_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr, "time": f"{t:.3f}"}))
@@ -220,6 +240,10 @@ def test_rules_alerts_and_panels_answer_the_same_on_victoriametrics(tmp_path):
               f" {tally.windowed} rate/increase queries, {tally.loosened} of them equal only within"
               f" {WINDOW_RELATIVE:.0%} or one increment; {tally.nan_left_out} NaN series of Prometheus left out;"
               f" {len(tally.report)} differ")
+        variables = variable_queries()
+        for name, selector, label in variables:
+            assert label_values(prom, selector, label) == label_values(vm, selector, label) != [], name
+        print(f"{len(variables)} dashboard variables (label_values) answer the same")
         print(f"largest difference let through: {tally.worst[0]:.2%} ({tally.worst[1]})")
         assert not tally.report, "\n".join(tally.report)
         assert tally.queries == len(all_queries()) + tally.ranges and tally.ranges >= 30 and len(all_queries()) > 80
