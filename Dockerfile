@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # .dockerignore lets in only what the install needs: pyproject.toml, README.md, exporter/ and pipelines.yaml.
 COPY . /src
-RUN pip install /src \
+RUN pip install '/src[postgres]' \
     && install -d /etc/pipemon \
     && install -m 0644 /src/pipelines.yaml /etc/pipemon/pipelines.yaml \
     && rm -rf /src \

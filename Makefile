@@ -5,8 +5,8 @@ VENV        ?= .venv
 PYTHON      ?= python3
 BIN         := $(VENV)/bin
 APT_PACKAGES := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose wrk
-# only for the tests and `make run-ha`: the Quick start's `make run` installs no database server
-TEST_APT_PACKAGES := postgresql chromium chromium-driver
+# only for the tests and `make run-ha` (PostgreSQL, VictoriaMetrics): the Quick start's `make run` installs no database server
+TEST_APT_PACKAGES := postgresql chromium chromium-driver victoria-metrics
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages test-packages tool-venvs run run-ha serve test test-quick lint bench render clean

@@ -1,6 +1,7 @@
 """docker-compose.yml, the Dockerfile and deploy/prometheus.yml: valid for the real tools, every mounted repo path
 exists, images pinned, healthchecks, state in named volumes, Prometheus wired to the exporter and both
-Alertmanagers. No container runs here: `docker-compose config` validates without an engine."""
+Alertmanagers; the `ha` profile (deploy/prometheus-ha.yml) wired as `pipemon stack --ha` is. No container runs
+here: `docker-compose config` validates without an engine."""
 
 from __future__ import annotations
 
@@ -13,14 +14,21 @@ from typing import Any
 import pytest
 import yaml
 
+from pipemon.stack import local as pstack
 from tests.procs import REPO, require_binary
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus.yml"
+PROMETHEUS_HA_CONFIG = REPO / "deploy" / "prometheus-ha.yml"
 ALERTMANAGERS = ("alertmanager-1", "alertmanager-2")
+PAIR = {"prometheus-a": "a", "prometheus-b": "b"}
+DEFAULT_SERVICES = {"exporter", "prometheus", "alertmanager-1", "alertmanager-2", "sink", "grafana"}
+HA_SERVICES = {"postgres", "exporter-1", "exporter-2", "exporter-ha", *PAIR, "victoriametrics"}
 STATE = {"exporter": "/var/lib/pipemon", "prometheus": "/prometheus", "alertmanager-1": "/alertmanager",
-         "alertmanager-2": "/alertmanager", "grafana": "/var/lib/grafana"}
-PINNED_TAG = re.compile(r"^v?\d+\.\d+\.\d+$")
+         "alertmanager-2": "/alertmanager", "grafana": "/var/lib/grafana", "postgres": "/var/lib/postgresql/data",
+         "prometheus-a": "/prometheus", "prometheus-b": "/prometheus",
+         "victoriametrics": "/victoria-metrics-data"}
+PINNED_TAG = re.compile(r"^v?\d+\.\d+(\.\d+)?$")  # PostgreSQL's releases are major.minor
 
 
 def services() -> dict[str, dict[str, Any]]:
@@ -40,7 +48,11 @@ def prometheus_config() -> dict[str, Any]:
     return yaml.safe_load(PROMETHEUS_CONFIG.read_text())
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["default", "demo"])
+def prometheus_ha_config() -> dict[str, Any]:
+    return yaml.safe_load(PROMETHEUS_HA_CONFIG.read_text())
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "demo"], ["--profile", "ha"]], ids=["default", "demo", "ha"])
 def test_docker_compose_config_validates(profile):
     binary = require_binary("docker-compose")
     result = subprocess.run([binary, "-f", str(COMPOSE_FILE), *profile, "config", "-q"], cwd=REPO,
@@ -95,6 +107,12 @@ def test_exporter_serves_the_mounted_registry_into_its_state_volume():
     assert args["--state-dir"] == STATE["exporter"]
 
 
+def test_the_default_stack_is_unchanged_and_the_ha_set_is_a_profile():
+    by_profile = {name: service.get("profiles", []) for name, service in services().items()}
+    assert {name for name, profiles in by_profile.items() if not profiles} == DEFAULT_SERVICES
+    assert {name for name, profiles in by_profile.items() if profiles == ["ha"]} == HA_SERVICES
+
+
 def test_demo_is_an_optional_profile_aimed_at_the_exporter():
     demo = services()["demo"]
     assert demo["profiles"] == ["demo"]
@@ -138,6 +156,65 @@ def test_prometheus_alerts_both_alertmanagers_directly():
     targets = [t for config in alertmanagers["static_configs"] for t in config["targets"]]
     assert sorted(targets) == [f"{name}:9093" for name in ALERTMANAGERS]
     assert set(ALERTMANAGERS) <= set(services())
+
+
+# ---- the `ha` profile and deploy/prometheus-ha.yml ------------------------------------------------------
+
+
+def test_prometheus_ha_config_passes_promtool():
+    promtool = require_binary("promtool")
+    result = subprocess.run([promtool, "check", "config", "--syntax-only", str(PROMETHEUS_HA_CONFIG)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_ha_config_is_the_stacks_ha_config():
+    """The relabelling that makes the pair one (alerts, remote_write) is pipemon.stack.local's, and so are the jobs."""
+    vm = f"http://victoriametrics:{command_flags('victoriametrics')['httpListenAddr'].rsplit(':', 1)[1]}"
+    stack = pstack.prometheus_config(pstack.StackPorts(), Path("/etc/prometheus/rules"), "15s", "15s",
+                                     replica="a", remote_write=vm)
+    ha = prometheus_ha_config()
+    assert ha["remote_write"] == stack["remote_write"]
+    assert ha["alerting"]["alert_relabel_configs"] == stack["alerting"]["alert_relabel_configs"]
+    assert set(ha["global"]["external_labels"]) == set(stack["global"]["external_labels"]) == {"replica"}
+    assert ha["rule_files"] == stack["rule_files"]
+    assert [job["job_name"] for job in ha["scrape_configs"]] == [job["job_name"] for job in stack["scrape_configs"]]
+
+
+def test_prometheus_pair_runs_one_file_told_apart_by_replica():
+    assert prometheus_ha_config()["global"]["external_labels"]["replica"] == "${REPLICA}"
+    for name, replica in PAIR.items():
+        service = services()[name]
+        assert service["environment"]["REPLICA"] == replica
+        assert "--enable-feature=expand-external-labels" in service["command"]
+        assert mounts(name)["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus-ha.yml"
+        assert mounts(name)["/etc/prometheus/rules"] == "./rules"
+    (alertmanagers,) = prometheus_ha_config()["alerting"]["alertmanagers"]
+    assert sorted(t for c in alertmanagers["static_configs"] for t in c["targets"]) == \
+        [f"{name}:9093" for name in ALERTMANAGERS]
+
+
+def test_victoriametrics_deduplicates_the_pair_at_its_scrape_interval():
+    flags = command_flags("victoriametrics")
+    assert flags["dedup.minScrapeInterval"] == prometheus_ha_config()["global"]["scrape_interval"]
+    assert flags["storageDataPath"] in mounts("victoriametrics")
+    assert flags["retentionPeriod"]
+
+
+def test_replicas_share_postgres_behind_the_balancer_that_the_pair_scrapes():
+    for name in ("exporter-1", "exporter-2"):
+        command = " ".join(services()[name]["command"])
+        assert "pipemon serve --listen 0.0.0.0:9464" in command and "@postgres:5432/pipemon" in command, name
+    balancer = services()["exporter-ha"]["command"]
+    assert balancer[:3] == ["python", "-m", "pipemon.stack.balancer"]
+    assert [balancer[i + 1] for i, arg in enumerate(balancer) if arg == "--upstream"] == \
+        ["http://exporter-1:9464", "http://exporter-2:9464"]
+    jobs = {job["job_name"]: job for job in prometheus_ha_config()["scrape_configs"]}
+    assert [t for c in jobs["pipemon"]["static_configs"] for t in c["targets"]] == ["exporter-ha:9464"]
+
+
+def test_the_image_installs_the_postgresql_driver():
+    assert "'/src[postgres]'" in dict(dockerfile_instructions())["RUN"]
 
 
 # ---- Dockerfile ------------------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ exactly once after one Prometheus, one Alertmanager and one exporter replica are
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,24 @@ def watch_alerts(prom: str, until, timeout: float) -> set[str]:
     return seen
 
 
+def assert_one_deduplicated_series_in_victoriametrics(vm: str) -> None:
+    """Both Prometheus servers wrote to VictoriaMetrics without their replica label: one `up` series for the
+    pair, holding one sample per scrape interval (1 s here; both of the pair's, at their own offsets, without
+    deduplication: seen 2 per second with -dedup.minScrapeInterval=1ms)."""
+    def exported() -> list[dict]:
+        query = urllib.parse.urlencode({"match[]": 'up{job="pipemon"}'})
+        with urllib.request.urlopen(f"{vm}/api/v1/export?{query}", timeout=10) as resp:
+            return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+
+    wait_until(lambda: sum(len(s["timestamps"]) for s in exported()) >= 15, 60,
+               "15 of the pair's scrapes in VictoriaMetrics")
+    (up,) = exported()
+    assert "replica" not in up["metric"], up["metric"]
+    stamps = sorted(up["timestamps"])
+    per_second = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000)
+    assert 0.8 <= per_second <= 1.2, (per_second, [t % 1000 for t in stamps[:10]])
+
+
 def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_killed(tmp_path: Path) -> None:
     require_binary("/usr/bin/prometheus")
     require_binary("/usr/bin/prometheus-alertmanager")
@@ -72,13 +93,13 @@ def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_
     registry.write_text(REGISTRY)
     ports = pstack.StackPorts(free_port(), free_port(), (free_port(), free_port()), (free_port(), free_port()),
                               free_port())
-    ha = pstack.HAPorts((free_port(), free_port()), free_port(), free_port())
+    ha = pstack.HAPorts((free_port(), free_port()), free_port(), free_port(), free_port())
     exporter, sink = f"http://127.0.0.1:{ports.exporter}", f"http://127.0.0.1:{ports.sink}"
     proms = [f"http://127.0.0.1:{ports.prometheus}", f"http://127.0.0.1:{ha.prometheus_b}"]
     args = argparse.Namespace(
         rules_config=REPO / "rules" / "config.yaml", templates=REPO / "alertmanager" / "templates",
         scrape_interval="1s", evaluation_interval="1s", max_for="5s", group_wait="1s", group_interval="1s",
-        repeat_interval="1h")
+        repeat_interval="1h", vm_retention="1d")
     directory = tmp_path / "stack"
     directory.mkdir()
     st = pstack.Stack(directory)
@@ -105,6 +126,7 @@ def test_ha_stack_notifies_once_with_a_prometheus_an_alertmanager_and_a_replica_
         time.sleep(QUIET)
         delivered = firing(sink) - baseline
         assert delivered[key] == 1 and max(delivered.values()) == 1, delivered
+        assert_one_deduplicated_series_in_victoriametrics(f"http://127.0.0.1:{ha.victoriametrics}")
 
         # One of each killed: Prometheus a, Alertmanager 1, exporter replica 1 (the balancer moves on).
         for name in ("prometheus-a", "alertmanager-1", "exporter-1"):

@@ -8,7 +8,10 @@ Ctrl-C (or SIGTERM) stops every child; children also get SIGTERM if this process
 `--ha` runs the high-availability set-up instead (docs/scaling.md): a local PostgreSQL, two exporter replicas
 over it behind one address (pipemon.stack.balancer, what a load balancer does in production), and two Prometheus
 servers with the same rules and `external_labels` replica a/b, both sending to the Alertmanager cluster with
-the replica label dropped from their alerts, so each alert is notified once.
+the replica label dropped from their alerts, so each alert is notified once, and both remote-writing to one
+VictoriaMetrics, the long-term store and global query view: the replica label is dropped from what they write
+too, so the pair's samples land in the same series and VictoriaMetrics' deduplication keeps one per scrape
+interval.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from pipemon.stack import demo, pglocal
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+VICTORIAMETRICS = "/usr/bin/victoria-metrics"
 INSTALL_HINT = "sudo apt-get update && sudo apt-get install -y prometheus prometheus-alertmanager"
+VM_INSTALL_HINT = "sudo apt-get update && sudo apt-get install -y victoria-metrics  (or: make run-ha)"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class HAPorts:
     replicas: tuple[int, int] = (9474, 9475)
     prometheus_b: int = 9092
     postgres: int = 5439
+    victoriametrics: int = 8428
 
 
 @dataclass
@@ -132,10 +138,27 @@ def write_rules(config_path: Path, out_dir: Path, evaluation_interval: str, max_
         (out_dir / name).write_text(text)
 
 
+def remote_write_config(url: str) -> list[dict]:
+    """remote_write to VictoriaMetrics. The write relabelling runs after the external labels are added, so it
+    drops `replica`: both servers of the pair then write the same series, which single-node VictoriaMetrics
+    deduplicates (-dedup.minScrapeInterval) as it only merges samples of identical series."""
+    return [{"url": f"{url}/api/v1/write", "write_relabel_configs": [{"action": "labeldrop", "regex": "replica"}]}]
+
+
+def victoriametrics_command(binary: str, data: Path, listen: str, dedup_interval: str, retention: str,
+                            *extra: str) -> list[str]:
+    """VictoriaMetrics keeping `retention` (1y, 13 (months), 30d) and one sample per series per
+    `dedup_interval`, the Prometheus pair's scrape interval."""
+    return [binary, f"-storageDataPath={data}", f"-httpListenAddr={listen}",
+            f"-dedup.minScrapeInterval={dedup_interval}", f"-retentionPeriod={retention}", *extra]
+
+
 def prometheus_config(ports: StackPorts, rules_dir: Path, scrape_interval: str, evaluation_interval: str,
-                      replica: str | None = None, own_port: int | None = None) -> dict:
-    """One Prometheus; with `replica` (a, b) one of an HA pair: its external label tells the pair apart in
-    remote storage, and is dropped from the alerts so the Alertmanager cluster sees one alert, not two."""
+                      replica: str | None = None, own_port: int | None = None,
+                      remote_write: str | None = None) -> dict:
+    """One Prometheus; with `replica` (a, b) one of an HA pair: its external label tells the pair apart, and
+    is dropped from the alerts so the Alertmanager cluster sees one alert, not two, and from what it writes to
+    `remote_write` (a VictoriaMetrics URL) so the store sees one series, not two."""
     own = own_port or ports.prometheus
     config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
@@ -151,6 +174,8 @@ def prometheus_config(ports: StackPorts, rules_dir: Path, scrape_interval: str, 
         [f"127.0.0.1:{port}" for port in ports.alertmanagers]))
     if replica is not None:
         config["alerting"]["alert_relabel_configs"] = [{"action": "labeldrop", "regex": "replica"}]
+    if remote_write is not None:
+        config["remote_write"] = remote_write_config(remote_write)
     return config
 
 
@@ -196,16 +221,27 @@ def start_stack(args: argparse.Namespace, ports: StackPorts, stack: Stack, regis
     write_rules(args.rules_config, d / "rules", args.evaluation_interval, args.max_for)
     pair = [(None, "prometheus", ports.prometheus)] if ha is None else [
         ("a", "prometheus-a", ports.prometheus), ("b", "prometheus-b", ha.prometheus_b)]
+    remote_write = None if ha is None else start_victoriametrics(stack, args, ha)
     for replica, name, port in pair:
-        start_prometheus(stack, args, ports, name, port, replica)
+        start_prometheus(stack, args, ports, name, port, replica, remote_write)
+
+
+def start_victoriametrics(stack: Stack, args: argparse.Namespace, ha: HAPorts) -> str:
+    """The long-term store both Prometheus servers write to; returns its URL."""
+    listen = f"127.0.0.1:{ha.victoriametrics}"
+    cmd = victoriametrics_command(VICTORIAMETRICS, stack.directory / "victoriametrics", listen,
+                                  args.scrape_interval, args.vm_retention)
+    stack.start("victoriametrics", cmd, f"http://{listen}/health")
+    return f"http://{listen}"
 
 
 def start_prometheus(stack: Stack, args: argparse.Namespace, ports: StackPorts, name: str, port: int,
-                     replica: str | None) -> None:
+                     replica: str | None, remote_write: str | None = None) -> None:
     d = stack.directory
     config_file = d / f"{name}.yml"
     config_file.write_text(yaml.safe_dump(prometheus_config(ports, d / "rules", args.scrape_interval,
-                                                            args.evaluation_interval, replica, port),
+                                                            args.evaluation_interval, replica, port,
+                                                            remote_write),
                                           sort_keys=False))
     stack.start(name, [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={d / name}",
                        f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}/-/ready")
@@ -242,6 +278,8 @@ def banner(ports: StackPorts, directory: Path, with_demo: bool, ha: HAPorts | No
             f"  prometheus    http://127.0.0.1:{ports.prometheus}/alerts  and  http://127.0.0.1:{ha.prometheus_b}/alerts"
             " (replica a, b)",
             f"  postgresql    {pglocal.url(ha.postgres)}",
+            f"  victoria      http://127.0.0.1:{ha.victoriametrics}/vmui  (long-term store, both Prometheus"
+            f" deduplicated; PromQL API: http://127.0.0.1:{ha.victoriametrics}/api/v1/query)",
         ]
     lines += [
         f"  alertmanager  http://127.0.0.1:{ports.alertmanagers[0]}/  and  http://127.0.0.1:{ports.alertmanagers[1]}/",
@@ -283,10 +321,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-interval", default="30s")
     parser.add_argument("--repeat-interval", default="1h")
     parser.add_argument("--ha", action="store_true",
-                        help="PostgreSQL, two exporter replicas behind one address, a Prometheus HA pair")
-    parser.add_argument("--ha-ports", default="9474,9475,9092,5439",
-                        help="with --ha: replica1,replica2,prometheus-b,postgresql (the balancer takes the"
-                             " exporter port, prometheus-a the prometheus port)")
+                        help="PostgreSQL, two exporter replicas behind one address, a Prometheus HA pair"
+                             " remote-writing to VictoriaMetrics")
+    parser.add_argument("--ha-ports", default="9474,9475,9092,5439,8428",
+                        help="with --ha: replica1,replica2,prometheus-b,postgresql,victoriametrics (the balancer"
+                             " takes the exporter port, prometheus-a the prometheus port)")
+    parser.add_argument("--vm-retention", default="1y",
+                        help="with --ha: VictoriaMetrics' -retentionPeriod (default: %(default)s)")
 
 
 def parse_ports(text: str) -> StackPorts:
@@ -299,10 +340,10 @@ def parse_ports(text: str) -> StackPorts:
 
 def parse_ha_ports(text: str) -> HAPorts:
     values = [int(p) for p in text.split(",")]
-    if len(values) != 4:
-        raise ValueError("--ha-ports takes four ports: replica1,replica2,prometheus-b,postgresql")
-    r1, r2, prom, pg = values
-    return HAPorts((r1, r2), prom, pg)
+    if len(values) != 5:
+        raise ValueError("--ha-ports takes five ports: replica1,replica2,prometheus-b,postgresql,victoriametrics")
+    r1, r2, prom, pg, vm = values
+    return HAPorts((r1, r2), prom, pg, vm)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -313,6 +354,9 @@ def run(args: argparse.Namespace) -> int:
     ha = parse_ha_ports(args.ha_ports) if args.ha else None
     if ha is not None and not pglocal.installed():
         print(f"error: --ha needs PostgreSQL 15 ({pglocal.BIN}):\n  {pglocal.INSTALL_HINT}", file=sys.stderr)
+        return 1
+    if ha is not None and not Path(VICTORIAMETRICS).exists():
+        print(f"error: --ha needs VictoriaMetrics ({VICTORIAMETRICS}):\n  {VM_INSTALL_HINT}", file=sys.stderr)
         return 1
     for path in (args.rules_config, args.templates):
         if not path.exists():
