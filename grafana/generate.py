@@ -270,8 +270,9 @@ def pipeline_stats() -> list[stat.Panel]:
         single("Success ratio (1d)", "pipeline_team:pipeline_runs:ratio_rate1d", "percentunit",
                query(f"pipeline_team:pipeline_runs:ratio_rate1d{{{RULE}}}", instant=True), span=4,
                thresholds=steps((None, "red"), (0.5, "orange"), (0.8, "green"))),
-        single("Since last success", "pipeline_team:pipeline_last_success:age_seconds", "s",
-               query(f"pipeline_team:pipeline_last_success:age_seconds{{{RULE}}}", instant=True), span=4,
+        single("Since last success", "Seconds since the latest successful run finished (none: it never"
+               " succeeded).", "s",
+               query(f"time() - max(pipeline_last_success_timestamp_seconds{{{PIPELINE}}} > 0)", instant=True), span=4,
                thresholds=steps((None, "blue"))),
         single("Runs in progress", "Runs started and not finished.", "none",
                query(f"pipeline_runs_in_progress{{{PIPELINE}}}", instant=True), span=4,

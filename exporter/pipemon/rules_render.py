@@ -280,7 +280,8 @@ def run_rules(config: RulesConfig) -> list[dict[str, Any]]:
 
 
 def schedule_rules(config: RulesConfig) -> list[dict[str, Any]]:
-    """How overdue each pipeline's next run is, and how much grace it has; the age of the oldest run."""
+    """How overdue each pipeline's next run is, and how much grace it has; the age of the oldest run. (The age
+    of the last success is no recording: only the pipeline dashboard shows it, for one pipeline at a time.)"""
     due = _sel(config, "pipeline_next_run_due_timestamp_seconds")
     interval = _gauge(config, "pipeline_expected_interval_seconds")
     return [
@@ -304,10 +305,6 @@ def schedule_rules(config: RulesConfig) -> list[dict[str, Any]]:
                 f"or {ON}\n"
                 f"{interval} * {_num(config.thresholds['stale_grace_factor'] - 1)}"
             ),
-        },
-        {
-            "record": "pipeline_team:pipeline_last_success:age_seconds",
-            "expr": f"time() - max {BY} ({_sel(config, 'pipeline_last_success_timestamp_seconds')} > 0)",
         },
         {
             "record": "pipeline_team:pipeline_oldest_run:age_seconds",
