@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
@@ -39,6 +40,7 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
+RULES_CONFIG = Path(__file__).resolve().parent.parent / "rules" / "config.yaml"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB = 'job="pipemon"'
 RULE = 'pipeline="$pipeline",team="$team"'  # recording rules carry no job label
@@ -47,6 +49,17 @@ TAGS = ["pipemon"]
 REF_IDS = "ABCDEFGHIJ"
 
 # ---- building blocks ---------------------------------------------------------------------------------
+
+
+def threshold(*names: str) -> str:
+    """The alert thresholds `names` in force for the dashboard's pipeline, one series each labelled
+    `threshold`: the registry's override (`pipeline_alert_threshold`, a series only where one is set), else the
+    default of rules/config.yaml, as the rules compare them (no recording holds them per pipeline)."""
+    defaults = yaml.safe_load(RULES_CONFIG.read_text(encoding="utf-8"))["thresholds"]
+    matcher = f'threshold="{names[0]}"' if len(names) == 1 else f'threshold=~"{"|".join(names)}"'
+    fallbacks = " or ".join(f'label_replace(vector({defaults[n]:g}), "threshold", "{n}", "", "")' for n in names)
+    return f"(max by (threshold) (pipeline_alert_threshold{{{PIPELINE},{matcher}}}) or {fallbacks})"
+
 
 
 def query(expr: str, legend: str = "", instant: bool = False, table_format: bool = False) -> prometheus.Dataquery:
@@ -212,9 +225,8 @@ def duration_panel() -> timeseries.Panel:
         "log space, for PipelineDurationAnomaly.", "s", [
             query(f"pipeline_last_run_duration_seconds{{{PIPELINE}}}", "latest run"),
             query(f"pipeline_duration_baseline_seconds{{{PIPELINE}}}", "baseline median"),
-            query(f"pipeline_duration_baseline_seconds{{{PIPELINE}}} * on (pipeline, team) group_left () "
-                  f'pipeline_team:pipeline_alert_threshold:effective{{{RULE},threshold="duration_ratio_min"}}',
-                  "smallest change alerted"),
+            query(f"pipeline_duration_baseline_seconds{{{PIPELINE}}} * on () group_left () "
+                  f"{threshold('duration_ratio_min')}", "smallest change alerted"),
         ]).fill_opacity(0), {"latest run": "blue", "baseline median": "text", "smallest change alerted": "orange"})
 
 
@@ -223,8 +235,7 @@ def zscore_panel() -> timeseries.Panel:
         "Duration z-score", "How many (log-space, robust) standard deviations the latest successful run's duration "
         "lies from its baseline (pipeline_run_duration_zscore), against this pipeline's alert thresholds.", "none", [
             query(f'pipeline_run_duration_zscore{{{PIPELINE},runs_ago="0"}}', "z-score"),
-            query(f'pipeline_team:pipeline_alert_threshold:effective{{{RULE},threshold=~"duration_zscore_.*"}}',
-                  "{{threshold}}"),
+            query(threshold("duration_zscore_medium", "duration_zscore_high"), "{{threshold}}"),
         ]), {"z-score": "blue", "duration_zscore_medium": "orange", "duration_zscore_high": "red"})
 
 
@@ -243,8 +254,7 @@ def throughput_ratio_panel() -> timeseries.Panel:
         "over duration ratio); PipelineThroughputDrop fires below the threshold.", "percentunit", [
             query(f'pipeline_run_records_ratio{{{PIPELINE},runs_ago="0"}} / pipeline_run_duration_ratio{{{PIPELINE}}}',
                   "throughput ratio"),
-            query(f'pipeline_team:pipeline_alert_threshold:effective{{{RULE},threshold="throughput_ratio_high"}}',
-                  "alert threshold"),
+            query(threshold("throughput_ratio_high"), "alert threshold"),
         ]), {"throughput ratio": "blue", "alert threshold": "red"}).min(0)
 
 
@@ -260,8 +270,9 @@ def pipeline_stats() -> list[stat.Panel]:
         single("Success ratio (1d)", "pipeline_team:pipeline_runs:ratio_rate1d", "percentunit",
                query(f"pipeline_team:pipeline_runs:ratio_rate1d{{{RULE}}}", instant=True), span=4,
                thresholds=steps((None, "red"), (0.5, "orange"), (0.8, "green"))),
-        single("Since last success", "pipeline_team:pipeline_last_success:age_seconds", "s",
-               query(f"pipeline_team:pipeline_last_success:age_seconds{{{RULE}}}", instant=True), span=4,
+        single("Since last success", "Seconds since the latest successful run finished (none: it never"
+               " succeeded).", "s",
+               query(f"time() - max(pipeline_last_success_timestamp_seconds{{{PIPELINE}}} > 0)", instant=True), span=4,
                thresholds=steps((None, "blue"))),
         single("Runs in progress", "Runs started and not finished.", "none",
                query(f"pipeline_runs_in_progress{{{PIPELINE}}}", instant=True), span=4,

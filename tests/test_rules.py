@@ -33,7 +33,7 @@ def _promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def _alerts() -> list[dict]:
     groups = yaml.safe_load((RULES_DIR / rules_render.ALERTS_FILE).read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"]]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
 def test_rule_files_are_rendered() -> None:
@@ -160,3 +160,17 @@ def test_dashboard_windows_evaluate_apart_from_what_the_alerts_read() -> None:
     for group in groups.values():
         for rule in group["rules"]:
             assert not re.search(r"\[\d+[hd]\]", rule["expr"]), rule  # no long window at 1m
+
+
+def test_thresholds_cost_no_series_per_pipeline() -> None:
+    """Each threshold is compared with the registry's override where one is set and with the default as a
+    scalar elsewhere: no recording holds a threshold per pipeline, and every override read has its default
+    path (`... unless on (pipeline, team) <override>`)."""
+    groups = [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
+    assert not [r["record"] for g in groups for r in g["rules"] if "alert_threshold" in r.get("record", "")]
+    exprs = "\n".join(r["expr"] for g in groups for r in g["rules"])
+    names = set(re.findall(r'pipeline_alert_threshold\{job="pipemon",threshold="(\w+)"\}', exprs))
+    assert len(names) >= 14
+    for name in names - {"stale_grace_factor"}:  # the grace: override - 1 or default - 1, times the interval
+        override = f'max by (pipeline, team) (pipeline_alert_threshold{{job="pipemon",threshold="{name}"}})'
+        assert f" unless on (pipeline, team) {override})" in exprs, name
