@@ -5,7 +5,16 @@ import random
 
 import msgspec
 
-from pipemon.model.baseline import NAN, HourlySummary, RunHistory, choose_profile, judge, log_duration, log_records
+from pipemon.model.baseline import (
+    NAN,
+    HourlySummary,
+    RunHistory,
+    choose_profile,
+    judge,
+    log_duration,
+    log_records,
+    two_way_reference,
+)
 from pipemon.model.events import Finish
 from pipemon.model.registry import PipelineSpec
 from pipemon.model.state import Pipelines, PipelineState, Snapshot
@@ -165,3 +174,36 @@ def test_a_summary_of_an_older_checkpoint_does_not_count_its_last_hour_twice():
     first = int(T0 // 3600)
     assert [row[0] for row in again.to_rows()] == [first, first + 1, first + 2]
     assert [row[0] for row in again.open_rows()] == [first + 3]
+
+
+def peak_after_weekend(slow: float = 1.0) -> PipelineState:
+    """A 30-minute pipeline at half its duration at weekends, with a nightly peak (02:00-04:00, 2.5 ×), from a
+    Thursday to the peak of the second Monday, 11 days on (two weekends: too few for a weekend slot per clock
+    hour); its last run `slow` × as slow."""
+    def duration_at(t: float) -> float:
+        peak = 2.5 if 2 <= int(t // HOUR) % 24 < 4 else 1.0
+        last = t >= T0 + (11 * 48 + 5) * 1800
+        return (100.0 if weekend(t) else 200.0) * peak * (slow if last else 1.0)
+
+    return history_of(duration_at, runs=11 * 48 + 6, every=1800, sigma=0.1).get("p")
+
+
+def test_a_monday_peak_after_a_quiet_weekend_is_not_slow():
+    state = peak_after_weekend()
+    monday = state.judgements().duration[0]  # Monday 02:30, the peak, after a weekend at half the duration
+    assert state.history.hourly is not None and state.history.hourly.profiles["duration"][0] != "weekhour"
+    assert 0.8 < monday.ratio < 1.25 and monday.zscore < 2
+
+
+def test_a_slow_run_at_a_monday_peak_is_still_caught():
+    monday = peak_after_weekend(slow=3.0).judgements().duration[0]
+    assert monday.zscore > 3 and monday.ratio > 2
+
+
+def test_the_two_way_reference_adds_the_weekend_to_the_hour():
+    hours = list(range(int(T0 // HOUR), int(T0 // HOUR) + 17 * 24))  # Thursday to Saturday, 17 days on
+    values = [math.log((100.0 if weekend(h * HOUR) else 200.0) * (2.5 if h % 24 == 2 else 1.0)) for h in hours]
+    monday_2am = (hours[-1] + 1 + 24 + 2) * HOUR + 60.0  # past the end: Monday 02:01
+    sunday_2am = (hours[-1] + 1 + 2) * HOUR + 60.0
+    assert math.isclose(math.exp(two_way_reference(hours, values, monday_2am)), 500.0)
+    assert math.isclose(math.exp(two_way_reference(hours, values, sunday_2am)), 250.0)

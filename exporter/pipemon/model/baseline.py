@@ -13,7 +13,10 @@ A pipeline that runs every few minutes fills its ring of runs in a day or so: to
 Its runs are also summarised per clock hour over four weeks (HourlySummary), and a run counts only as
 unusual as it is against the closer of two references, its recent runs and that seasonal summary: the first
 Monday run after a quiet weekend, or the first run after a holiday, is not slow for being slower than
-yesterday.
+yesterday. Until the summary has seen enough weekends to resolve hour of day × weekend, a slow run is also
+judged against an additive (log-space) weekday + hour-of-day reference (two_way_reference), and counts only as
+unusual as against the higher of that and the chosen profile's reference: a nightly peak on the Monday after
+a quiet weekend is neither slow for the weekend nor for the hours before it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,28 @@ def _identity(x: float) -> float:
     return x
 
 
+def two_way_reference(hours: Sequence[int], values: Sequence[float], ts: float) -> float:
+    """An additive (log-space) weekday/weekend + hour-of-day reference for `ts` from hourly values: the weekend
+    effect is the median of all weekend hours less that of all weekday hours; the hour's level is the median
+    of the latest HOURLY_SLOT_VALUES values of `ts`'s clock hour, each with its day type's effect removed (one
+    step of Tukey's median polish). Every day informs every hour, so both rhythms are known long before each
+    weekend hour has SLOT_SAMPLES of its own. NaN when either day type or the hour is too thin."""
+    points = [(h, x, _weekend(h * 3600.0 + 1800.0)) for h, x in zip(hours, values, strict=True) if not math.isnan(x)]
+    weekend = [x for _, x, w in points if w]
+    weekday = [x for _, x, w in points if not w]
+    if len(weekend) < SLOT_SAMPLES or len(weekday) < SLOT_SAMPLES:
+        return NAN
+    effect = (0.0, median(weekend) - median(weekday))
+    hour, clock = int(ts // 3600), _hour(ts)
+    picked: list[float] = []
+    for h, x, w in reversed(points):
+        if h < hour and h % 24 == clock:
+            picked.append(x - effect[w])
+            if len(picked) == HOURLY_SLOT_VALUES:
+                break
+    return median(picked) + effect[_weekend(ts)] if len(picked) >= SLOT_SAMPLES else NAN
+
+
 class HourlySummary:
     """Per clock hour with successful runs, the median log duration and log records of those runs, for the
     latest HOURS_KEPT such hours: a frequent pipeline's seasonal memory at one sample per hour."""
@@ -82,7 +107,7 @@ class HourlySummary:
         self.bucket_hour = -1  # the hour being collected, not yet in the ring
         self.bucket: list[tuple[float, float]] = []  # its runs' (log duration, log records); NaN: unknown
         self.profiles: dict[str, tuple[str, int]] = {}  # column -> (profile, bucket_hour when chosen)
-        self.references: dict[tuple[str, int], float] = {}  # (column, hour) -> reference, until the next push
+        self.references: dict[tuple, float] = {}  # (column, hour[, kind]) -> reference, until the next push
 
     def __len__(self) -> int:
         return len(self.hours)
@@ -152,11 +177,30 @@ class HourlySummary:
             self.references[key] = self._reference(name, ts)
         return self.references[key]
 
+    def highest_reference(self, name: str, ts: float) -> float:
+        """The higher of `ts`'s reference under the chosen profile and its two-way reference (weekday/weekend
+        plus hour of day, two_way_reference) while the chosen profile is not the combined "weekhour": how slow a
+        run may be before no rhythm of the pipeline explains it. Three weekends in, the summary is too short to
+        resolve a weekend slot per clock hour, and a Monday-morning peak after a quiet weekend is slow against
+        both single rhythms; NaN when the summary is too thin to say."""
+        key = (name, int(ts // 3600), "highest")
+        if key not in self.references:
+            candidates = [self.reference(name, ts)]
+            hours, values = self._ordered(self.hours), self._ordered(self.columns[name])
+            if len(hours) >= 2 * SLOT_SAMPLES and self.profiles.get(name, ("",))[0] != "weekhour":
+                candidates.append(two_way_reference(hours, values, ts))
+            known = [x for x in candidates if not math.isnan(x)]
+            self.references[key] = max(known) if known else NAN
+        return self.references[key]
+
     def _reference(self, name: str, ts: float) -> float:
         hours, values = self._ordered(self.hours), self._ordered(self.columns[name])
         if len(hours) < 2 * SLOT_SAMPLES:
             return NAN
-        profile = self._profile(name, hours, values)
+        return self._slot_median(hours, values, ts, self._profile(name, hours, values))
+
+    @staticmethod
+    def _slot_median(hours: list[int], values: list[float], ts: float, profile: str) -> float:
         slot_of, hour = PROFILES[profile], int(ts // 3600)
         slot = slot_of(ts)
         picked: list[float] = []

@@ -208,7 +208,9 @@ class PipelineState:
             low = judge(baseline_of(timestamps, records, index, SPREAD_SAMPLES, r_profile, slots[r_profile]), r,
                         log_records, math.expm1, center_size=size)
             if hourly is not None:
-                slow = temper(slow, d, hourly.reference("duration", ts), log_duration, math.exp, +1)
+                # slow: only as slow as against the higher of the chosen profile's and the two-way (weekday +
+                # hour) reference; few records: against the chosen one (a drop at a peak hour is still a drop)
+                slow = temper(slow, d, hourly.highest_reference("duration", ts), log_duration, math.exp, +1)
                 low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
             duration.append(slow)
             volume.append(low)
