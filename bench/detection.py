@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--days", type=float, default=28, help="simulated days, ending now")
     ap.add_argument("--warmup-days", type=float, default=14, help="days before incidents and evaluation")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--end", type=parse_end, help="when the simulated history ends: a Unix time or an ISO 8601"
+                    " UTC time (default: now). The noise is drawn in time order, so a seed gives one result"
+                    " only with a fixed end")
     ap.add_argument("--quick", action="store_true", help="20 pipelines, 10 days (7 warm-up)")
     ap.add_argument("--rules-dir", type=Path, default=REPO / "rules")
     ap.add_argument("--alertmanager-config", type=Path, default=REPO / "alertmanager" / "alertmanager.yml")
@@ -136,6 +140,21 @@ def evaluate_rules(rules: prom.RuleSet, om: Path, work: Path, levels: dict[int, 
     return episodes
 
 
+def parse_end(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a Unix time or an ISO 8601 time, got {text!r}") from exc
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    if at.timestamp() > time.time():
+        raise argparse.ArgumentTypeError(f"{text!r} is in the future: the exporter refuses future events")
+    return at.timestamp()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     phases = Phases()
@@ -154,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, work: Path, rules_dir: Path, am_config: Path, phases: Phases) -> int:
-    end = (time.time() // 60) * 60 - 120  # events in the past: the exporter rejects timestamps in its future
+    # events in the past: the exporter rejects timestamps in its future
+    end = (args.end // 60) * 60 if args.end is not None else (time.time() // 60) * 60 - 120
     types = tuple(t for t in args.incident_types.split(",") if t)
     sim = fleet.simulate_fleet(args.pipelines, args.days, args.warmup_days, args.seed, end, types, args.per_type)
     phases.done("simulate", f"{len(sim.pipelines)} pipelines, {len(sim.runs)} runs, {len(sim.incidents)} incidents,"
