@@ -441,3 +441,31 @@ def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulat
     # saved with the bounds in force: kept as they are
     assert PipelineState.restore(state.snapshot(), SPEC, 30).bucket_counts == state.bucket_counts
     assert rebin_counts([1, 2, 3], None, DEFAULT_DURATION_BUCKETS) == [0] * len(DEFAULT_DURATION_BUCKETS) + [6]
+
+
+# The checkpoint layout of 7ecdb1c (stop 18): array_like, so these must stay the first fields, in this order.
+STOP_18_FIELDS = (
+    "name", "team", "runs_success", "runs_failure", "bucket_counts", "duration_sum", "duration_count",
+    "records_total", "last_run_ts", "last_success_ts", "last_run_success", "last_run_duration", "last_run_records",
+    "last_run_throughput", "consecutive_failures", "in_progress", "ring", "pending", "seen", "covers_seq",
+    "history", "outcomes", "outcome_count", "last_failure_ts", "last_start_ts", "gaps", "starts_seen",
+    "data_clock", "data_clock_at", "arrived", "abandoned", "last_abandoned", "runs_reverted", "hourly",
+    "weekdays", "weekdays_week", "recent_ids", "recent_values", "last_run_failed_children",
+)
+
+
+def test_a_checkpoint_of_the_previous_layout_restores_with_every_field():
+    from pipemon.model.state import Snapshot
+
+    assert Snapshot.__struct_fields__[:len(STOP_18_FIELDS)] == STOP_18_FIELDS
+    hourly = [finish(f"r{i}", 1000.0 + 300 * i, duration=10.0 + i % 7, records=100 + i) for i in range(400)]
+    state, _ = apply_all([Start("p", "s1", 1000.0 + 300 * 401), *hourly])
+    state.weekdays, state.weekdays_week = [31, 31], 7
+    snap = state.snapshot()
+    old = msgspec.msgpack.encode([getattr(snap, name) for name in STOP_18_FIELDS])  # what stop 18 wrote
+    restored = PipelineState.restore(msgspec.msgpack.decode(old, type=Snapshot), SPEC, 30)
+    for name in STOP_18_FIELDS:
+        if name not in ("hourly", "history", "ring", "pending", "covers_seq"):
+            assert getattr(restored.snapshot(), name) == getattr(snap, name), name
+    assert restored.history.hourly_rows() == state.history.hourly_rows()
+    assert restored.bucket_counts == state.bucket_counts

@@ -37,7 +37,7 @@ NAN = math.nan
 # (11 series with +Inf, _sum, _count), enough for dashboards' p50/p99 of runs minutes to hours long.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (15, 60, 300, 900, 1800, 3600, 10800, 43200)
 DURATION_BUCKETS: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
-# The bounds of checkpoints written before they were saved with them (up to 44559f7): one per bucket count.
+# The default bounds before 44559f7: a checkpoint that did not save its bounds and has their bucket count.
 LEGACY_DURATION_BUCKETS: tuple[float, ...] = (
     1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
 )
@@ -112,14 +112,15 @@ class Snapshot(msgspec.Struct, array_like=True):
     last_abandoned: str = ""
     runs_reverted: int = 0
     hourly: list[tuple[int, float, float]] = []  # frequent pipelines' hourly summary (baseline.HourlySummary)
-    hourly_open: list[tuple[int, float, float]] = []  # the runs of the hour it is collecting
     weekdays: list[int] = []  # weekdays with runs started, per week (schedule.learn_weekday)
     weekdays_week: int = 0
     # The recent-runs ring (issue 15): run ids, and per run status, started, finished, duration, records.
     recent_ids: list[str] = []
     recent_values: list[float] = []
     last_run_failed_children: list[str] = []  # issue 13; absent from older checkpoints
+    # Newer fields. array_like: a field is added at the end only, or older checkpoints no longer load.
     duration_buckets: list[float] = []  # the bounds bucket_counts were counted with; absent from older ones
+    hourly_open: list[tuple[int, float, float]] = []  # the runs of the hour the hourly summary is collecting
 
 
 class PipelineState:
@@ -575,9 +576,9 @@ def saved_bounds(snap: Snapshot) -> tuple[float, ...] | None:
     """The bounds a checkpoint's histogram was counted with; None when they cannot be known."""
     if snap.duration_buckets:
         return tuple(snap.duration_buckets)
-    if len(snap.bucket_counts) == len(LEGACY_DURATION_BUCKETS) + 1:
-        return LEGACY_DURATION_BUCKETS
-    return DURATION_BUCKETS if len(snap.bucket_counts) == len(DURATION_BUCKETS) + 1 else None
+    if len(snap.bucket_counts) == len(DURATION_BUCKETS) + 1:  # as many as now: most likely the same
+        return DURATION_BUCKETS
+    return LEGACY_DURATION_BUCKETS if len(snap.bucket_counts) == len(LEGACY_DURATION_BUCKETS) + 1 else None
 
 
 def rebin_counts(counts: list[int], saved: tuple[float, ...] | None, bounds: tuple[float, ...]) -> list[int]:
