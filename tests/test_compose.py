@@ -192,6 +192,11 @@ def test_prometheus_pair_runs_one_file_told_apart_by_replica():
     (alertmanagers,) = prometheus_ha_config()["alerting"]["alertmanagers"]
     assert sorted(t for c in alertmanagers["static_configs"] for t in c["targets"]) == \
         [f"{name}:9093" for name in ALERTMANAGERS]
+    # Each scrapes both by name: with `replica` dropped on remote_write, `localhost:9090` from a and from b would
+    # be one series in VictoriaMetrics holding two servers' counters, alternating.
+    jobs = {job["job_name"]: job for job in prometheus_ha_config()["scrape_configs"]}
+    assert sorted(t for c in jobs["prometheus"]["static_configs"] for t in c["targets"]) == \
+        [f"{name}:9090" for name in sorted(PAIR)]
 
 
 def test_victoriametrics_deduplicates_the_pair_at_its_scrape_interval():

@@ -366,3 +366,36 @@ async def test_a_root_finish_closes_only_the_children_its_token_may_write(aiohtt
     listed = await pipelines(client)
     assert listed["reports"]["runs_failure"] == 1
     assert (listed["reports.build"]["runs_in_progress"], listed["reports.build"]["runs_failure"]) == (1, 0)
+
+
+async def test_a_tracked_child_of_another_teams_root_is_reported_with_its_own_teams_token(aiohttp_client, config,
+                                                                                           tmp_path):
+    client = await aiohttp_client(tokened_app(config, tmp_path, de="data-eng", an="analytics"))
+    dag, build, now = rid(), rid(), time.time()
+    assert (await post_as(client, "de", event(RunState.START, dag, now - 30, "reports")))[0][0] == 200
+    # reports.* is analytics': a pipeline of its own, reported with analytics' token; it adds nothing to the root
+    answers = await post_as(client, "an",
+                            event(RunState.START, build, now - 25, "reports.build", ("reports", dag)),
+                            event(RunState.COMPLETE, build, now - 20, "reports.build", ("reports", dag), rows=9))
+    assert [body["status"] for _, body in answers] == ["accepted", "accepted"]
+    assert (await post_as(client, "de", event(RunState.COMPLETE, dag, now - 10, "reports")))[0][0] == 200
+    listed = await pipelines(client)
+    assert (listed["reports.build"]["team"], listed["reports.build"]["runs_success"]) == ("analytics", 1)
+    assert (await detail(client, "reports"))["last_run"]["records"] is None
+
+
+def test_a_root_finish_sees_the_children_folded_by_a_request_still_being_stored():
+    from pipemon.openlineage.folding import Folds, FoldSession
+
+    shared, root = Folds(), ("orders_daily", "dag-1")
+    storing = FoldSession(shared)  # a request whose child event is folded, its records not stored yet
+    storing.child_event(root, "orders_daily.load", "task-1", "COMPLETE", 70, False)
+    finishing = FoldSession(shared)
+    assert finishing.close(root).records == 70
+    finishing.commit()
+    storing.commit()
+    assert len(shared) == 0  # no fold left behind for the closed root
+    retried = FoldSession(shared)  # the first request answered 503 and sent again: the child counts once
+    retried.child_event(("orders_daily", "dag-2"), "orders_daily.load", "task-2", "COMPLETE", 5, False)
+    retried.child_event(("orders_daily", "dag-2"), "orders_daily.load", "task-2", "COMPLETE", 5, False)
+    assert retried.close(("orders_daily", "dag-2")).records == 5

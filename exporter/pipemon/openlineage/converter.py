@@ -45,7 +45,7 @@ from pipemon.model.registry import PIPELINE_NAME_MAX, PIPELINE_NAME_PATTERN, Reg
 from pipemon.model.state import Pipelines
 from pipemon.openlineage import facets as ol
 from pipemon.openlineage.folding import Folds, FoldSession, RootKey
-from pipemon.service.ingest import Ignored
+from pipemon.service.ingest import Ignored, Rejection
 
 log = logging.getLogger("pipemon.openlineage.converter")
 DEFAULT_NAME_TEMPLATE = "{name}"
@@ -128,14 +128,17 @@ class LineageConverter:
         at = _epoch(event.eventTime, "eventTime", now, self.max_skew)
         run_id = event.run.runId
         root = self.root_of(event)
+        folding = False
         if root is not None:
-            if self.may_fold(root[0]):
+            tracked = self.tracked(pipeline, root[0])
+            folding = self.may_fold_into(root[0], tracked)
+            if folding:
                 self.fold_child(root, event)
-            if not self.tracked(pipeline, root[0]):
+            if not tracked:
                 raise Ignored("child_run")
         if event.eventType == "START":
             self._batch_starts.setdefault((pipeline, run_id), at)
-            if root is not None:
+            if folding:  # closed with its root if still in progress then
                 self.folds.track(root, pipeline, run_id, at)
             return Start(pipeline, run_id, at, self.team_hint(pipeline, event, root), received(at, now))
         if event.eventType not in TERMINAL:
@@ -154,6 +157,16 @@ class LineageConverter:
             return None  # started by another system (dbt-ol in an Airflow task): a pipeline of its own
         parent = ol.direct_parent(event.run.facets)
         return self.folds.root_of(parent[2] if parent else run_id, (self._name(namespace, name), run_id))
+
+    def may_fold_into(self, root_pipeline: str, tracked: bool) -> bool:
+        """Whether a child's event adds to its root run. For a token that may not write the root, a child that is
+        no pipeline of its own is refused (403); a tracked child is admitted on its own team and adds nothing."""
+        try:
+            return self.may_fold(root_pipeline)
+        except Rejection:
+            if tracked:
+                return False
+            raise
 
     def tracked(self, child: str, root_pipeline: str) -> bool:
         """Whether a child job is a pipeline of its own: its root tracks children, or a registry entry other

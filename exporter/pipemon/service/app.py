@@ -360,8 +360,10 @@ async def delete_pipeline(request: web.Request) -> web.Response:
     except Rejection as rejection:
         return error_response(rejection)
     name = request.match_info["name"]
-    await exp.recorder.catch_up()  # a pipeline another replica created a moment ago is not a 404
+    caught_up = await exp.recorder.catch_up()  # a pipeline another replica created a moment ago is not a 404
     if exp.recorder.pipelines.get(name) is None:
+        if not caught_up:
+            return error_response(Rejection(503, "storage_unavailable", "cannot read the shared state; retry later"))
         return error_response(Rejection(404, "not_found", "no such pipeline", "pipeline"))
     try:
         await exp.recorder.submit([Forget(name)])  # a registered pipeline is re-created from zero as it applies
