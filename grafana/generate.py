@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
@@ -39,6 +38,8 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from pipemon.render.rules import load_config
+
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
 RULES_CONFIG = Path(__file__).resolve().parent.parent / "rules" / "config.yaml"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -55,7 +56,7 @@ def threshold(*names: str) -> str:
     """The alert thresholds `names` in force for the dashboard's pipeline, one series each labelled
     `threshold`: the registry's override (`pipeline_alert_threshold`, a series only where one is set), else the
     default of rules/config.yaml, as the rules compare them (no recording holds them per pipeline)."""
-    defaults = yaml.safe_load(RULES_CONFIG.read_text(encoding="utf-8"))["thresholds"]
+    defaults = load_config(RULES_CONFIG).thresholds  # validated, as the rules renderer reads it
     matcher = f'threshold="{names[0]}"' if len(names) == 1 else f'threshold=~"{"|".join(names)}"'
     fallbacks = " or ".join(f'label_replace(vector({defaults[n]:g}), "threshold", "{n}", "", "")' for n in names)
     return f"(max by (threshold) (pipeline_alert_threshold{{{PIPELINE},{matcher}}}) or {fallbacks})"
