@@ -234,8 +234,9 @@ def duration_panel() -> timeseries.Panel:
 def zscore_panel() -> timeseries.Panel:
     return fixed_colors(graph(
         "Duration z-score", "How many (log-space, robust) standard deviations the latest successful run's duration "
-        "lies from its baseline (pipeline_run_duration_zscore), against this pipeline's alert thresholds.", "none", [
-            query(f'pipeline_run_duration_zscore{{{PIPELINE},runs_ago="0"}}', "z-score"),
+        "lies from its baseline (pipeline_recent_runs_min_duration_zscore{runs=\"1\"}), against this pipeline's alert "
+        "thresholds.", "none", [
+            query(f'pipeline_recent_runs_min_duration_zscore{{{PIPELINE},runs="1"}}', "z-score"),
             query(threshold("duration_zscore_medium", "duration_zscore_high"), "{{threshold}}"),
         ]), {"z-score": "blue", "duration_zscore_medium": "orange", "duration_zscore_high": "red"})
 
@@ -253,8 +254,7 @@ def throughput_ratio_panel() -> timeseries.Panel:
     return fixed_colors(graph(
         "Throughput / baseline", "The latest run's records per second as a share of its baseline's (records ratio "
         "over duration ratio); PipelineThroughputDrop fires below the threshold.", "percentunit", [
-            query(f'pipeline_run_records_ratio{{{PIPELINE},runs_ago="0"}} / pipeline_run_duration_ratio{{{PIPELINE}}}',
-                  "throughput ratio"),
+            query(f'pipeline_recent_runs_max_throughput_ratio{{{PIPELINE},runs="1"}}', "throughput ratio"),
             query(threshold("throughput_ratio_high"), "alert threshold"),
         ]), {"throughput ratio": "blue", "alert threshold": "red"}).min(0)
 

@@ -469,3 +469,50 @@ def test_a_checkpoint_of_the_previous_layout_restores_with_every_field():
             assert getattr(restored.snapshot(), name) == getattr(snap, name), name
     assert restored.history.hourly_rows() == state.history.hourly_rows()
     assert restored.bucket_counts == state.bucket_counts
+
+
+def _samples(text: str, metric: str) -> dict[str, float]:
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('runs="')[1].split('"')[0]] = float(value)
+    return found
+
+
+def test_the_published_recent_run_figures_are_the_least_unusual_of_the_latest_runs():
+    from pipemon.service.exposition import pipeline_blocks
+
+    rng = random.Random(5)
+    runs = [finish(f"r{i}", i * 60, duration=rng.lognormvariate(3, 0.2), records=rng.randint(900, 1100))
+            for i in range(40)]
+    runs += [finish("slow1", 2460, duration=90, records=300), finish("slow2", 2520, duration=60, records=0)]
+    state, _ = apply_all(runs)
+    text = b"".join(pipeline_blocks(state)).decode()
+    judged = state.judgements()
+    durations, records = judged.duration, judged.records
+    z = _samples(text, "pipeline_recent_runs_min_duration_zscore")
+    assert z.keys() == {"1", "2", "3"}
+    for k in (1, 2, 3):
+        assert math.isclose(z[str(k)], min(j.zscore for j in durations[:k]))
+    assert math.isclose(_samples(text, "pipeline_recent_runs_min_duration_ratio")["2"],
+                        min(durations[0].ratio, durations[1].ratio))
+    assert _samples(text, "pipeline_recent_runs_max_records_ratio") == {"1": 0.0, "2": records[1].ratio}
+    throughput = _samples(text, "pipeline_recent_runs_max_throughput_ratio")
+    assert throughput["1"] == 0.0  # zero records
+    assert math.isclose(throughput["2"], records[1].ratio / durations[1].ratio)
+
+
+def test_the_least_unusual_figure_leaves_out_unjudged_runs_as_promql_min_and_max_do():
+    from pipemon.model.baseline import NO_JUDGEMENT, Judgement
+    from pipemon.model.state import RecentJudgements, least_unusual
+
+    nan = float("nan")
+    assert least_unusual([3.0, nan, 2.5], lowest=True) == 2.5
+    assert least_unusual([nan, 0.2], lowest=False) == 0.2
+    assert math.isnan(least_unusual([nan, nan], lowest=True))
+    # records per second over the baseline's is IEEE division: a zero duration ratio gives +inf (0 records: NaN)
+    judged = RecentJudgements((Judgement(1, 0.0, 1, 10), Judgement(1, 0.0, 1, 10), NO_JUDGEMENT),
+                              (Judgement(1, 2.0, 1, 10), Judgement(1, 0.0, 1, 10), NO_JUDGEMENT), "none", "none")
+    ratios = judged.throughput_ratios()
+    assert ratios[0] == math.inf and math.isnan(ratios[1]) and math.isnan(ratios[2])

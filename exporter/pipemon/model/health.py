@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pipemon.model.state import PipelineState
+from pipemon.model.state import PipelineState, least_unusual
 from pipemon.render.rules import RulesConfig, ScheduleClass, load_config
 
 # Worst first: the order of the overview.
@@ -136,19 +136,27 @@ class HealthJudge:
         if not state.last_run_success or judged.duration[0].samples < t(state, "min_baseline_samples"):
             return ()
         c = self.schedule_class(interval)
+        high, medium = c.runs_high, c.runs_medium
+
+        def lowest(values: list[float], runs: int) -> float:
+            return least_unusual(values[:runs], lowest=True)
+
+        def highest(values: list[float], runs: int) -> float:
+            return least_unusual(values[:runs], lowest=False)
+
+        # the figures the exporter publishes (pipeline_recent_runs_*): each required run beyond a threshold is
+        # the least unusual of them beyond it; NaN compares false (no verdict)
+        d_z = [d.zscore for d in judged.duration]
+        r_z, r_ratio = [r.zscore for r in judged.records], [r.ratio for r in judged.records]
         found = []
-        both = list(zip(judged.duration[:c.runs_high], judged.records[:c.runs_high], strict=True))
-        # records/s against the baseline's = records ratio / duration ratio, each run slow beyond its noise;
-        # NaN compares false (no verdict)
-        if all(d.ratio > 0 and r.ratio / d.ratio < t(state, "throughput_ratio_high")
-               and d.zscore > t(state, "duration_zscore_medium") for d, r in both):
+        if (highest(judged.throughput_ratios(), high) < t(state, "throughput_ratio_high")
+                and lowest(d_z, high) > t(state, "duration_zscore_medium")):
             found.append(THROUGHPUT_DROP)
-        if all(r.zscore < -t(state, "volume_zscore_high") and r.ratio <= t(state, "volume_ratio_high")
-               for _, r in both):
+        if (highest(r_z, high) < -t(state, "volume_zscore_high")
+                and highest(r_ratio, high) <= t(state, "volume_ratio_high")):
             found.append(VOLUME_LOW)
-        medium = judged.duration[:c.runs_medium]
-        if all(d.zscore > t(state, "duration_zscore_medium") and d.ratio >= t(state, "duration_ratio_min")
-               for d in medium):
+        if (lowest(d_z, medium) > t(state, "duration_zscore_medium")
+                and lowest([d.ratio for d in judged.duration], medium) >= t(state, "duration_ratio_min")):
             found.append(SLOW)
         return tuple(found)
 

@@ -10,7 +10,7 @@ import bisect
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 
@@ -63,6 +63,7 @@ def set_duration_buckets(bounds: tuple[float, ...]) -> None:
     DURATION_BUCKETS = tuple(bounds)
 STARTED, FINISHED = 1, 2
 JUDGED_RUNS = 3  # the latest successful runs judged against their baselines (alerts may want confirmation)
+HIGH_CONFIRM_RUNS = 2  # the most runs a high-severity alert (and every records alert) may ask confirmation of
 SUCCESS_WINDOWS = (10, 50)  # success ratios over this many latest runs
 OUTCOME_BITS = max(SUCCESS_WINDOWS)
 GAPS_KEPT = 16  # start-to-start gaps kept to learn a pipeline's interval ...
@@ -323,6 +324,26 @@ class RecentJudgements(msgspec.Struct, frozen=True):
     records: tuple[Judgement, ...]
     duration_profile: str
     records_profile: str
+
+    def throughput_ratios(self) -> list[float]:
+        """Each run's records per second over its baseline's: records ratio / duration ratio."""
+        return [_divide(r.ratio, d.ratio) for d, r in zip(self.duration, self.records, strict=True)]
+
+
+def _divide(a: float, b: float) -> float:
+    """a / b as IEEE 754 (and PromQL) divide: x / 0 is ±inf, 0 / 0 NaN."""
+    if b == 0:
+        return NAN if a == 0 or math.isnan(a) else math.copysign(math.inf, a)
+    return a / b
+
+
+def least_unusual(values: Sequence[float], lowest: bool) -> float:
+    """The lowest (or highest) of some runs' figures, NaN ones left out, NaN if all are: "each of these runs
+    is beyond a threshold" is this figure beyond it, as PromQL's min/max over the runs would say."""
+    known = [v for v in values if not math.isnan(v)]
+    if not known:
+        return NAN
+    return min(known) if lowest else max(known)
 
 
 class Pipelines:

@@ -25,7 +25,7 @@ from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
 from pipemon.model import state as state_module
-from pipemon.model.state import SUCCESS_WINDOWS, PipelineState
+from pipemon.model.state import HIGH_CONFIRM_RUNS, JUDGED_RUNS, SUCCESS_WINDOWS, PipelineState, least_unusual
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -80,14 +80,18 @@ FAMILIES: tuple[Family, ...] = (
            " pipelines with a schedule."),
     Family("pipeline_recent_runs_success_ratio", "gauge", "Share of successes among the latest `runs` runs"
            " (fewer if fewer ran)."),
-    Family("pipeline_run_duration_zscore", "gauge", "Robust log-space z-score of a recent successful run's"
-           " duration against the runs before it; runs_ago 0 is the latest."),
-    Family("pipeline_run_duration_ratio", "gauge", "A recent successful run's duration over its baseline's"
-           " median."),
-    Family("pipeline_run_records_zscore", "gauge", "Robust log-space z-score of a recent successful run's"
-           " records against the runs before it."),
-    Family("pipeline_run_records_ratio", "gauge", "A recent successful run's records over its baseline's"
-           " median."),
+    # Each successful run is judged against the runs before it; these give the least unusual of the latest
+    # `runs` judged runs, so that "each of the latest k runs was slow" is one series compared with a threshold.
+    Family("pipeline_recent_runs_min_duration_zscore", "gauge", "Lowest robust log-space z-score of the"
+           " durations of the latest `runs` successful runs, each against the runs before it."),
+    Family("pipeline_recent_runs_min_duration_ratio", "gauge", "Lowest duration over its baseline's median"
+           " among the latest `runs` successful runs."),
+    Family("pipeline_recent_runs_max_records_zscore", "gauge", "Highest robust log-space z-score of the"
+           " records of the latest `runs` successful runs, each against the runs before it."),
+    Family("pipeline_recent_runs_max_records_ratio", "gauge", "Highest records over its baseline's median"
+           " among the latest `runs` successful runs."),
+    Family("pipeline_recent_runs_max_throughput_ratio", "gauge", "Highest records per second over the"
+           " baseline's (records ratio over duration ratio) among the latest `runs` successful runs."),
     Family("pipeline_duration_baseline_seconds", "gauge", "Median duration the latest successful run was"
            " judged against (of its seasonal slot)."),
     Family("pipeline_records_baseline", "gauge", "Median records the latest successful run was judged"
@@ -115,8 +119,10 @@ def format_value(value: float) -> str:
     return repr(value)
 
 
-def _per_run(metric: str, labels: str, values: list[float]) -> str:
-    return "".join(f'{metric}{{{labels},runs_ago="{i}"}} {format_value(value)}\n' for i, value in enumerate(values))
+def _recent_runs(metric: str, labels: str, values: list[float], runs: int, lowest: bool) -> str:
+    """One sample per k in 1..runs: the least unusual figure of the latest k runs (`values`: latest first)."""
+    return "".join(f'{metric}{{{labels},runs="{k}"}} {format_value(least_unusual(values[:k], lowest))}\n'
+                   for k in range(1, runs + 1))
 
 
 def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
@@ -163,10 +169,16 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         grace,
         "".join(f'pipeline_recent_runs_success_ratio{{{labels},runs="{n}"}} {v(state.success_ratio(n))}\n'
                 for n in SUCCESS_WINDOWS),
-        _per_run("pipeline_run_duration_zscore", labels, [j.zscore for j in judged.duration]),
-        _per_run("pipeline_run_duration_ratio", labels, [j.ratio for j in judged.duration]),
-        _per_run("pipeline_run_records_zscore", labels, [j.zscore for j in judged.records]),
-        _per_run("pipeline_run_records_ratio", labels, [j.ratio for j in judged.records]),
+        _recent_runs("pipeline_recent_runs_min_duration_zscore", labels, [j.zscore for j in judged.duration],
+                     JUDGED_RUNS, lowest=True),
+        _recent_runs("pipeline_recent_runs_min_duration_ratio", labels, [j.ratio for j in judged.duration],
+                     JUDGED_RUNS, lowest=True),
+        _recent_runs("pipeline_recent_runs_max_records_zscore", labels, [j.zscore for j in judged.records],
+                     HIGH_CONFIRM_RUNS, lowest=False),
+        _recent_runs("pipeline_recent_runs_max_records_ratio", labels, [j.ratio for j in judged.records],
+                     HIGH_CONFIRM_RUNS, lowest=False),
+        _recent_runs("pipeline_recent_runs_max_throughput_ratio", labels, judged.throughput_ratios(),
+                     HIGH_CONFIRM_RUNS, lowest=False),
         f"pipeline_duration_baseline_seconds{{{labels}}} {v(latest.expected)}\n",
         f"pipeline_records_baseline{{{labels}}} {v(judged.records[0].expected)}\n",
         f"pipeline_baseline_samples{{{labels}}} {latest.samples}\n",
