@@ -87,9 +87,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def exporter_from_rev(rev: str, into: Path) -> Path:
-    """exporter/ of a git revision, extracted into `into`: its directory goes on PYTHONPATH."""
+    """exporter/ of a git revision, extracted into `into`: its directory goes on PYTHONPATH. With it
+    rules/config.yaml, which the package links to (pipemon/rules_config.yaml) where the revision has it."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "exporter"], capture_output=True,
+    paths = ["exporter"]
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", rev, "rules/config.yaml"],
+                            capture_output=True, text=True, check=True).stdout
+    if listed.strip():
+        paths.append("rules/config.yaml")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, *paths], capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into / "exporter"
