@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+import prometheus_cost_rules  # noqa: E402
 from detection import feed, fleet, notify, prom, report  # noqa: E402
 
 # Which alerts detect which incident (any of them, for the incident's pipeline, severity ≥ medium, starting
@@ -87,18 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def exporter_from_rev(rev: str, into: Path) -> Path:
-    """exporter/ of a git revision, extracted into `into`: its directory goes on PYTHONPATH. With it
-    rules/config.yaml, which the package links to (pipemon/rules_config.yaml) where the revision has it."""
-    into.mkdir(parents=True, exist_ok=True)
-    paths = ["exporter"]
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", rev, "rules/config.yaml"],
-                            capture_output=True, text=True, check=True).stdout
-    if listed.strip():
-        paths.append("rules/config.yaml")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, *paths], capture_output=True,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into / "exporter"
+    """exporter/ of a git revision, extracted into `into`: its directory goes on PYTHONPATH."""
+    return prometheus_cost_rules.exporter_at(REPO, rev, into)
 
 
 def rules_from_rev(rev: str, into: Path) -> tuple[Path, Path]:

@@ -75,9 +75,15 @@ def from_revision(repo: Path, rev: str, into: Path) -> RuleSet:
 
 
 def exporter_at(repo: Path, rev: str, into: Path) -> Path:
-    """The exporter package as committed at `rev`, extracted under `into`; its PYTHONPATH entry."""
+    """The exporter package as committed at `rev`, extracted under `into`; its PYTHONPATH entry. With it
+    rules/config.yaml where the revision has it: the package links to it (pipemon/rules_config.yaml)."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "exporter"], capture_output=True, check=True)
+    paths = ["exporter"]
+    listed = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", rev, "rules/config.yaml"],
+                            capture_output=True, text=True, check=True).stdout
+    if listed.strip():
+        paths.append("rules/config.yaml")
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, *paths], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into / "exporter"
 
