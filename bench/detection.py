@@ -87,11 +87,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def exporter_from_rev(rev: str, into: Path) -> Path:
-    """exporter/ of a git revision, extracted into `into`: its directory goes on PYTHONPATH."""
-    return prometheus_cost_rules.exporter_at(REPO, rev, into)
-
-
 def rules_from_rev(rev: str, into: Path) -> tuple[Path, Path]:
     """rules/ and alertmanager/alertmanager.yml of a git revision, extracted into `into`."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "rules", "alertmanager/alertmanager.yml"],
@@ -165,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             rules_dir, am_config = rules_from_rev(args.rules_rev, work)
         exporter_rev = args.exporter_rev or args.rules_rev
         if exporter_rev and exporter_rev != "tree":
-            args.exporter_src = exporter_from_rev(exporter_rev, work / "exporter-rev")
+            args.exporter_src = prometheus_cost_rules.exporter_at(REPO, exporter_rev, work / "exporter-rev")
         return run(args, work, rules_dir, am_config, phases)
 
 

@@ -11,6 +11,7 @@ rules/pipemon.rules.yml and uses `$__rate_interval` in every rate() and increase
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -52,11 +53,16 @@ REF_IDS = "ABCDEFGHIJ"
 # ---- building blocks ---------------------------------------------------------------------------------
 
 
+@functools.cache
+def _threshold_defaults() -> dict[str, float]:
+    return load_config(RULES_CONFIG).thresholds  # validated, as the rules renderer reads it; read once
+
+
 def threshold(*names: str) -> str:
     """The alert thresholds `names` in force for the dashboard's pipeline, one series each labelled
     `threshold`: the registry's override (`pipeline_alert_threshold`, a series only where one is set), else the
     default of rules/config.yaml, as the rules compare them (no recording holds them per pipeline)."""
-    defaults = load_config(RULES_CONFIG).thresholds  # validated, as the rules renderer reads it
+    defaults = _threshold_defaults()
     matcher = f'threshold="{names[0]}"' if len(names) == 1 else f'threshold=~"{"|".join(names)}"'
     fallbacks = " or ".join(f'label_replace(vector({defaults[n]:g}), "threshold", "{n}", "", "")' for n in names)
     return f"(max by (threshold) (pipeline_alert_threshold{{{PIPELINE},{matcher}}}) or {fallbacks})"
