@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import time
 
 import pytest
@@ -49,12 +50,28 @@ async def test_a_finished_run_updates_every_family(exporter_client):
     assert value(text, "pipeline_runs_total", **P, status="success") == 1
     assert value(text, "pipeline_run_duration_seconds_count", **P) == 1
     assert value(text, "pipeline_run_duration_seconds_sum", **P) == pytest.approx(20, abs=0.01)
-    assert value(text, "pipeline_run_duration_seconds_bucket", **P, le="15.0") == 0
-    assert value(text, "pipeline_run_duration_seconds_bucket", **P, le="60.0") == 1
+    assert value(text, "pipeline_run_duration_seconds_bucket", **P, le="+Inf") == 1
     assert value(text, "pipeline_records_processed_total", **P) == 400
-    assert value(text, "pipeline_last_run_throughput_records_per_second", **P) == pytest.approx(20, abs=0.01)
+    assert value(text, "pipeline_last_run_records", **P) == 400
     assert value(text, "pipeline_last_success_timestamp_seconds", **P) == pytest.approx(now - 10, abs=0.01)
     assert value(text, "pipemon_events_received_total", endpoint="runs") == 1
+
+
+async def test_duration_buckets_are_series_only_when_asked_for(exporter_client, config):
+    """By default the histogram is +Inf, _sum and _count (no rule reads a bucket); --duration-buckets adds
+    bounds, and the throughput gauge is left to the API (records / duration in PromQL)."""
+    now = time.time()
+    custom = dataclasses.replace(config, duration_buckets="15,60", state_dir=config.state_dir.with_name("custom"))
+    for cfg, bounds in ((config, []), (custom, ["15.0", "60.0"])):
+        client = await exporter_client(cfg)
+        await post(client, run("orders_daily", "r1", started_at=iso(now - 30), finished_at=iso(now - 10),
+                               records_processed=400, duration_seconds=None))
+        text = await metrics(client)
+        bucket = r'pipeline_run_duration_seconds_bucket\{pipeline="orders_daily",[^}]*le="([^"]+)"\} (\d+)'
+        les = re.findall(bucket, text)
+        assert les == [(le, "1" if le != "15.0" else "0") for le in bounds] + [("+Inf", "1")], les
+        assert "pipeline_last_run_throughput_records_per_second" not in text
+        await client.close()
 
 
 async def test_retried_event_is_acknowledged_and_counted_once(exporter_client):

@@ -6,6 +6,7 @@ import math
 import random
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -413,11 +414,23 @@ def test_a_slow_run_without_start_events_does_not_make_the_next_one_overdue_at_o
     assert state.next_run_due() == slow_finish + 300  # ... so half an interval after the finish counts
 
 
-def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulative_counts(caplog):
+@pytest.fixture
+def eight_duration_buckets():
+    """--duration-buckets 15,60,300,900,1800,3600,10800,43200 (the default before stop 22) for one test."""
     from pipemon.model import state as state_module
-    from pipemon.model.state import DEFAULT_DURATION_BUCKETS, LEGACY_DURATION_BUCKETS, rebin_counts
 
+    bounds = (15, 60, 300, 900, 1800, 3600, 10800, 43200)
+    state_module.set_duration_buckets(bounds)
     state_module._rebinned_logged.clear()
+    yield bounds
+    state_module.set_duration_buckets(state_module.DEFAULT_DURATION_BUCKETS)
+
+
+def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulative_counts(
+        caplog, eight_duration_buckets):
+    from pipemon.model.state import LEGACY_DURATION_BUCKETS, rebin_counts
+
+    bounds = eight_duration_buckets
 
     rng = random.Random(3)
     durations = [rng.lognormvariate(6, 1.5) for _ in range(500)]
@@ -431,7 +444,7 @@ def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulat
         restored = [PipelineState.restore(snap, SPEC, 30).bucket_counts for _ in range(2)]
     moved = restored[0]
     assert sum(moved) == len(durations) and restored[1] == moved
-    for i, bound in enumerate(DEFAULT_DURATION_BUCKETS):
+    for i, bound in enumerate(bounds):
         counted, truly = sum(moved[:i + 1]), sum(1 for d in durations if d <= bound)
         if bound in LEGACY_DURATION_BUCKETS:  # exact where both sets of bounds have it: no `le` series goes down
             assert counted == truly
@@ -440,7 +453,10 @@ def test_a_checkpoint_counted_with_other_buckets_keeps_its_shared_bounds_cumulat
     assert len([r for r in caplog.records if "duration buckets" in r.message]) == 1  # logged once
     # saved with the bounds in force: kept as they are
     assert PipelineState.restore(state.snapshot(), SPEC, 30).bucket_counts == state.bucket_counts
-    assert rebin_counts([1, 2, 3], None, DEFAULT_DURATION_BUCKETS) == [0] * len(DEFAULT_DURATION_BUCKETS) + [6]
+    assert rebin_counts([1, 2, 3], None, bounds) == [0] * len(bounds) + [6]
+    # to no bounds (the default since stop 22) and back: every run in +Inf, then +Inf still holds them all
+    assert rebin_counts(moved, bounds, ()) == [len(durations)]
+    assert rebin_counts([len(durations)], (), bounds) == [0] * len(bounds) + [len(durations)]
 
 
 # The checkpoint layout of 7ecdb1c (stop 18): array_like, so these must stay the first fields, in this order.

@@ -33,9 +33,11 @@ from pipemon.model.recent import ABANDONED, FAILURE, RECENT_RUNS, SUCCESS, Recen
 from pipemon.model.registry import PipelineSpec
 
 NAN = math.nan
-# Histogram buckets for batch work, 15 s to 12 h: each bucket is a series per pipeline in Prometheus, so eight
-# (11 series with +Inf, _sum, _count), enough for dashboards' p50/p99 of runs minutes to hours long.
-DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (15, 60, 300, 900, 1800, 3600, 10800, 43200)
+# Each histogram bucket is a series per pipeline in Prometheus, and no rule or dashboard of pipemon reads one
+# (the alerts judge each run against its own baseline), so by default only +Inf, _sum and _count: the runs
+# and their mean duration. `--duration-buckets` adds bounds for histogram_quantile().
+DEFAULT_DURATION_BUCKETS: tuple[float, ...] = ()
+NO_BUCKETS = "none"  # `--duration-buckets` for no bounds
 DURATION_BUCKETS: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
 # The default bounds before 44559f7: a checkpoint that did not save its bounds and has their bucket count.
 LEGACY_DURATION_BUCKETS: tuple[float, ...] = (
@@ -46,14 +48,21 @@ _rebinned_logged: set[tuple[tuple[float, ...] | None, tuple[float, ...]]] = set(
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:
-    """`--duration-buckets`: comma-separated upper bounds in seconds, increasing, positive."""
+    """`--duration-buckets`: comma-separated upper bounds in seconds, increasing, positive; or `none`."""
+    if text.strip().lower() == NO_BUCKETS:
+        return ()
     try:
         bounds = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as exc:
         raise ValueError(f"expected comma-separated seconds, got {text!r}") from exc
     if not bounds or bounds[0] <= 0 or list(bounds) != sorted(set(bounds)) or math.inf in bounds:
-        raise ValueError(f"expected increasing positive finite seconds, got {text!r}")
+        raise ValueError(f"expected increasing positive finite seconds, or {NO_BUCKETS}, got {text!r}")
     return bounds
+
+
+def format_buckets(bounds: tuple[float, ...]) -> str:
+    """What parse_buckets reads back as `bounds`."""
+    return ",".join(f"{b:g}" for b in bounds) or NO_BUCKETS
 
 
 def set_duration_buckets(bounds: tuple[float, ...]) -> None:

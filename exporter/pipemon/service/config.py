@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipemon.backends import is_postgres_url
-from pipemon.model.state import DEFAULT_DURATION_BUCKETS, parse_buckets
+from pipemon.model.state import DEFAULT_DURATION_BUCKETS, format_buckets, parse_buckets
 from pipemon.openlineage.converter import check_name_template
 
 
@@ -41,7 +41,7 @@ class ServeConfig:
     alertmanager_urls: tuple[str, ...] = ()
     prometheus_url: str | None = None
     protect_reads: bool = False
-    duration_buckets: str = ",".join(f"{b:g}" for b in DEFAULT_DURATION_BUCKETS)
+    duration_buckets: str = format_buckets(DEFAULT_DURATION_BUCKETS)
 
 
 # flag, env var, config field, type, help
@@ -81,7 +81,8 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--lineage-pipeline-name", "PIPEMON_LINEAGE_PIPELINE_NAME", "lineage_pipeline_name", str,
      "pipeline name of an OpenLineage job, from {name} and {namespace}, e.g. '{namespace}/{name}'"),
     ("--duration-buckets", "PIPEMON_DURATION_BUCKETS", "duration_buckets", str,
-     "upper bounds (seconds, comma-separated) of pipeline_run_duration_seconds; each is a series per pipeline"),
+     "upper bounds (seconds, comma-separated) of pipeline_run_duration_seconds, e.g. 60,300,900,3600,10800;"
+     " each is a series per pipeline; none: only +Inf, _sum and _count"),
 )
 _SWITCHES = (
     ("--enable-lifecycle", "PIPEMON_ENABLE_LIFECYCLE", "enable_lifecycle", "allow POST /-/reload"),
@@ -109,7 +110,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Build the config; raises ValueError with the flag's name when a value is off."""
-    values = {}
+    values, defaults = {}, ServeConfig()
     for flag, env, field, type_, _help in _OPTIONS:
         raw = getattr(args, field)
         if field == "listen":
@@ -119,7 +120,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             values["host"], values["port"] = host.strip("[]") or "0.0.0.0", int(port)
             continue
         try:
-            values[field] = None if raw in (None, "") else type_(raw)
+            # an empty flag or variable means the default, as if it were not set
+            values[field] = getattr(defaults, field) if raw in (None, "") else type_(raw)
         except ValueError as exc:
             raise ValueError(f"{flag} / {env}: {exc}") from exc
     for _flag, _env, field, _help in _SWITCHES:

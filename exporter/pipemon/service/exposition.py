@@ -66,8 +66,6 @@ FAMILIES: tuple[Family, ...] = (
     Family("pipeline_last_run_success", "gauge", "1 if the latest run succeeded, else 0."),
     Family("pipeline_last_run_duration_seconds", "gauge", "Duration of the latest run; NaN if unknown."),
     Family("pipeline_last_run_records", "gauge", "Records processed by the latest run; NaN if not reported."),
-    Family("pipeline_last_run_throughput_records_per_second", "gauge", "Throughput of the latest run; NaN if"
-           " unknown."),
     Family("pipeline_consecutive_failures", "gauge", "Failed runs since the last success."),
     Family("pipeline_runs_in_progress", "gauge", "Runs started and not finished."),
     Family("pipeline_oldest_run_start_timestamp_seconds", "gauge", "Start of the oldest run in progress; 0 if"
@@ -160,7 +158,6 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         f"pipeline_last_run_success{{{labels}}} {int(state.last_run_success)}\n",
         f"pipeline_last_run_duration_seconds{{{labels}}} {v(state.last_run_duration)}\n",
         f"pipeline_last_run_records{{{labels}}} {v(state.last_run_records)}\n",
-        f"pipeline_last_run_throughput_records_per_second{{{labels}}} {v(state.last_run_throughput)}\n",
         f"pipeline_consecutive_failures{{{labels}}} {state.consecutive_failures}\n",
         f"pipeline_runs_in_progress{{{labels}}} {len(state.in_progress)}\n",
         f"pipeline_oldest_run_start_timestamp_seconds{{{labels}}} {v(state.oldest_start())}\n",
