@@ -30,5 +30,5 @@ def test_duration_buckets_default_to_none_and_take_increasing_seconds(monkeypatc
     assert parse_buckets(parse("--duration-buckets", "60, 300,3600").duration_buckets) == (60, 300, 3600)
     assert parse_buckets(parse("--duration-buckets", "None").duration_buckets) == ()
     for bad in ("300,60", "0,60", "60,inf", "1m", ","):
-        with pytest.raises(ValueError, match="^--duration-buckets / PIPEMON_DURATION_BUCKETS: expected"):
+        with pytest.raises(ValueError, match=r"^--duration-buckets / PIPEMON_DURATION_BUCKETS: expected"):
             parse("--duration-buckets", bad)
