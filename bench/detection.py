@@ -26,21 +26,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import prometheus_cost_rules  # noqa: E402
 from detection import feed, fleet, notify, prom, report  # noqa: E402
+from detection.report import EXPECTED  # noqa: E402
 
-# Which alerts detect which incident (any of them, for the incident's pipeline, severity ≥ medium, starting
-# during the incident or within one expected interval, at most 1 h, after its end). PipelineVolumeLow is the
-# alert issue 11 adds: rule files without it miss volume drops and zero-record runs, and should.
-EXPECTED: dict[str, tuple[str, ...]] = {
-    "outage": ("PipelineConsecutiveFailures", "PipelineSuccessRateLow"),
-    "degradation": ("PipelineSuccessRateLow", "PipelineConsecutiveFailures"),
-    "slowdown": ("PipelineDurationAnomaly",),
-    "throughput_drop": ("PipelineThroughputDrop", "PipelineDurationAnomaly"),
-    "volume_drop": ("PipelineVolumeLow",),
-    "zero_records": ("PipelineVolumeLow",),
-    "stopped": ("PipelineStale",),
-    "missed_run": ("PipelineStale",),
-    "stuck": ("PipelineRunStuck",),
-}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -198,7 +185,11 @@ def run(args: argparse.Namespace, work: Path, rules_dir: Path, am_config: Path, 
     if args.json:
         doc = report.to_json(result) | {"args": {k: str(v) for k, v in vars(args).items()},
                                         "phases_seconds": phases.times, "feed": vars(stats),
-                                        "alert_episodes": [vars(ep) for ep in episodes if ep.start >= sim.eval_start]}
+                                        "simulated_end": end, "alertmanager_config": str(am_config),
+                                        "keep_firing_for": {r.name: prom.parse_duration(r.body.get("keep_firing_for"))
+                                                            for r in rules.alerting},
+                                        "evaluation_interval_seconds": min(r.interval for r in rules.alerting),
+                                        "alert_episodes": [vars(ep) for ep in episodes]}
         args.json.write_text(json.dumps(doc, indent=1, default=str))
     return 0
 

@@ -50,5 +50,30 @@ def test_a_tiny_fleet_is_scored_and_impossible_thresholds_miss_everything(tmp_pa
         assert i["notifications"] >= 1
     assert result["pipeline_months"] > 0 and result["feed"]["rejected"] == 0
 
+    check_replays(tmp_path / "tree.json", result)
+
     missed = run_bench(tmp_path, "unreachable", "--rules-dir", str(unreachable_rules(tmp_path)))
     assert len(missed["incidents"]) == 4 and not any(i["detected"] for i in missed["incidents"]), missed
+
+
+def replay(run_json: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "bench" / "detection_replay.py"), str(run_json), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def check_replays(run_json: Path, run: dict) -> None:
+    """bench/detection_replay.py gives the run's own figures back, and a longer keep_firing_for shows."""
+    same_json = run_json.with_name("same.json")
+    done = replay(run_json, "--json", str(same_json))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(same_json.read_text())["incidents"] == run["incidents"]
+
+    held_json = run_json.with_name("held.json")
+    done = replay(run_json, "--keep-firing-for", "PipelineConsecutiveFailures=6h", "--json", str(held_json))
+    assert done.returncode == 0, done.stderr[-3000:]
+    held = {(i["pipeline"], i["start"]): i["linger_seconds"] for i in json.loads(held_json.read_text())["incidents"]}
+    outages = [i for i in run["incidents"] if i["type"] == "outage"]
+    assert max(held[i["pipeline"], i["start"]] - (i["linger_seconds"] or 0) for i in outages) > 3600, held
+
+    shorter = replay(run_json, "--keep-firing-for", "PipelineConsecutiveFailures=0s")
+    assert shorter.returncode != 0 and "cannot undo" in shorter.stderr, shorter.stderr

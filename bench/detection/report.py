@@ -13,6 +13,21 @@ from detection.prom import Episode
 SEVERITY_RANK = {"info": 0, "low": 1, "warning": 2, "medium": 2, "high": 3, "critical": 4}
 MONTH = 30 * DAY
 
+# Which alerts detect which incident (any of them, for the incident's pipeline, severity ≥ medium, starting
+# during the incident or within one expected interval, at most 1 h, after its end). PipelineVolumeLow is the
+# alert issue 11 adds: rule files without it miss volume drops and zero-record runs, and should.
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "outage": ("PipelineConsecutiveFailures", "PipelineSuccessRateLow"),
+    "degradation": ("PipelineSuccessRateLow", "PipelineConsecutiveFailures"),
+    "slowdown": ("PipelineDurationAnomaly",),
+    "throughput_drop": ("PipelineThroughputDrop", "PipelineDurationAnomaly"),
+    "volume_drop": ("PipelineVolumeLow",),
+    "zero_records": ("PipelineVolumeLow",),
+    "stopped": ("PipelineStale",),
+    "missed_run": ("PipelineStale",),
+    "stuck": ("PipelineRunStuck",),
+}
+
 
 def allowance(label: Label) -> float:
     """How long after an incident (or trap) its alerts may still start, and may still be firing: one expected
