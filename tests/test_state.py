@@ -532,3 +532,26 @@ def test_the_least_unusual_figure_leaves_out_unjudged_runs_as_promql_min_and_max
                               (Judgement(1, 2.0, 1, 10), Judgement(1, 0.0, 1, 10), NO_JUDGEMENT), "none", "none")
     ratios = judged.throughput_ratios()
     assert ratios[0] == math.inf and math.isnan(ratios[1]) and math.isnan(ratios[2])
+
+
+@pytest.mark.parametrize("every", [600.0, 86400.0])
+def test_a_run_in_progress_has_the_baseline_it_will_be_judged_against_when_it_succeeds(every):
+    """Runs every 10 minutes (an hourly summary, tempered) or daily, with a weekend rhythm: the baseline
+    published while a run is in progress is the one its finish is judged against, in its own seasonal slot."""
+    rng = random.Random(7)
+    records, t = [], 1_700_000_000.0
+    for i in range(400 if every < 3600 else 60):
+        weekend = int(t // 86400 + 3) % 7 >= 5
+        duration = rng.lognormvariate(5.5 if weekend else 4.5, 0.1)
+        records += [Start("p", f"r{i}", t), finish(f"r{i}", t + duration, duration=duration)]
+        t += every
+    state, _ = apply_all(records)
+    assert math.isnan(state.running_baseline().expected)  # nothing in progress
+    typical = state.judgements().duration[0].expected
+    state, _ = apply_all([*records, Start("p", "now", t)])
+    running = state.running_baseline()
+    assert running.samples >= 10 and running.spread > 0
+    state, _ = apply_all([*records, Start("p", "now", t), finish("now", t + typical, duration=typical)])
+    judged = state.judgements().duration[0]
+    assert math.isclose(running.expected, judged.expected) and math.isclose(running.spread, judged.spread)
+    assert math.isclose(judged.zscore, math.log(typical / running.expected) / running.spread)

@@ -137,12 +137,12 @@ class PipelineState:
     """Everything pipemon knows about one pipeline. `version` changes whenever an exported value does."""
 
     __slots__ = (
-        "_judged", "abandoned", "arrived", "baseline_size", "bucket_counts", "consecutive_failures", "data_clock",
-        "data_clock_at", "duration_count", "duration_sum", "gaps", "history", "in_progress", "last_abandoned",
-        "last_failure_ts", "last_run_duration", "last_run_failed_children", "last_run_records", "last_run_success",
-        "last_run_throughput", "last_run_ts", "last_start_ts", "last_success_ts", "name", "outcome_count", "outcomes",
-        "recent", "records_total", "runs_failure", "runs_reverted", "runs_success", "seen", "spec", "starts_seen",
-        "team", "version", "weekdays", "weekdays_week",
+        "_judged", "_running", "abandoned", "arrived", "baseline_size", "bucket_counts", "consecutive_failures",
+        "data_clock", "data_clock_at", "duration_count", "duration_sum", "gaps", "history", "in_progress",
+        "last_abandoned", "last_failure_ts", "last_run_duration", "last_run_failed_children", "last_run_records",
+        "last_run_success", "last_run_throughput", "last_run_ts", "last_start_ts", "last_success_ts", "name",
+        "outcome_count", "outcomes", "recent", "records_total", "runs_failure", "runs_reverted", "runs_success",
+        "seen", "spec", "starts_seen", "team", "version", "weekdays", "weekdays_week",
     )
 
     def __init__(self, spec: PipelineSpec, baseline_size: int, history_size: int = 336,
@@ -170,6 +170,7 @@ class PipelineState:
         self.baseline_size = baseline_size
         self.history = RunHistory(history_size)
         self._judged: tuple[int, RecentJudgements] | None = None  # cache, keyed by history.appended
+        self._running: tuple[tuple[float, int], Judgement] | None = None  # cache, keyed by (start, appended)
         self.outcomes = 0
         self.outcome_count = 0
         self.last_failure_ts = 0.0
@@ -230,6 +231,34 @@ class PipelineState:
             volume += previous.records[:JUDGED_RUNS - 1]
         pad = [NO_JUDGEMENT] * (JUDGED_RUNS - len(duration))
         return RecentJudgements(tuple(duration + pad), tuple(volume + pad), d_profile, r_profile)
+
+    def running_baseline(self) -> Judgement:
+        """The baseline the oldest run in progress will be judged against when it succeeds (its seasonal slot's
+        median duration and log-space spread, tempered as a finished run's), so that the rules can tell from
+        its age alone that it is already too slow; NO_JUDGEMENT when no run is in progress or none is known."""
+        started = self.oldest_start()
+        if not started:
+            return NO_JUDGEMENT
+        key = (started, self.history.appended)
+        if self._running is None or self._running[0] != key:
+            self._running = (key, self._baseline_at(started))
+        return self._running[1]
+
+    def _baseline_at(self, started: float) -> Judgement:
+        history = self.history
+        if not len(history):
+            return NO_JUDGEMENT
+        typical = self.judgements().duration[0].expected
+        finish = started + (0.0 if math.isnan(typical) else typical)  # a run's slot is that of its finish
+        timestamps = [*history.ordered("ts"), finish]
+        durations = [*history.ordered("duration"), NAN]
+        values = baseline_of(timestamps, durations, len(timestamps) - 1, SPREAD_SAMPLES,
+                             history.profile("duration", log_duration))
+        judged = judge(values, 1.0, log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS, self.baseline_size)
+        if history.hourly is not None:
+            judged = temper(judged, 1.0, history.hourly.highest_reference("duration", finish), log_duration,
+                            math.exp, +1)
+        return judged
 
     def success_ratio(self, window: int) -> float:
         """The share of successes among the latest `window` runs (fewer if fewer ran); NaN if none."""

@@ -476,8 +476,35 @@ def success_rate_alerts(config: RulesConfig) -> list[dict[str, Any]]:
     return alerts
 
 
+def _running_too_long(config: RulesConfig) -> str:
+    """`or` the pipelines whose run in progress is already beyond the high thresholds by its age alone, judged
+    against the baseline it will be judged against when it ends (ln(age / baseline) / spread), in the schedule
+    classes where one slow run is enough for high: a slow daily run is known hours before it ends."""
+    ranges: list[list[int]] = []
+    for i, c in enumerate(config.schedule_classes):
+        if c.runs_high == 1:
+            if ranges and ranges[-1][1] == i - 1:
+                ranges[-1][1] = i
+            else:
+                ranges.append([i, i])
+    if not ranges:
+        return ""
+    age = f"(time() - max {BY} ({_sel(config, 'pipeline_oldest_run_start_timestamp_seconds')} > 0))"
+    ratio = f"({age} / {ON} {_gauge(config, 'pipeline_oldest_run_baseline_seconds')})"
+    zscore = f"(ln{ratio} / {ON} {_gauge(config, 'pipeline_oldest_run_baseline_spread')})"
+    slow = (f"{_compare(config, zscore, '>', 'duration_zscore_high')}\n  and {ON}\n"
+            f"  {_compare(config, ratio, '>=', 'duration_ratio_high')}")
+    parts = [f"(\n  {slow}\n  {_in_classes(config, first, last)}\n)" for first, last in ranges]
+    enough = _compare(config, _gauge(config, "pipeline_baseline_samples"), ">=", "min_baseline_samples")
+    return f"\nor {ON}\n(\n" + f"\nor {ON}\n".join(parts) + f"\n)\nand {ON}\n{enough}"
+
+
 def duration_alerts(config: RulesConfig) -> list[dict[str, Any]]:
     q = partial(_pipeline_query, config)
+    # only while a run is in progress: the high alert may be about it
+    running_note = _template_with(
+        f'pipeline_oldest_run_start_timestamp_seconds{{pipeline=%q,team=%q,job="{config.job}"}} > 0',
+        "; a run in progress since {{ . | first | value | humanizeTimestamp }} counts by its age so far", "")
     alerts = []
     for severity in ("medium", "high"):
         threshold = f"duration_zscore_{severity}"
@@ -498,10 +525,11 @@ def duration_alerts(config: RulesConfig) -> list[dict[str, Any]]:
             f" {q('pipeline_duration_baseline_seconds', DURATION)} (median of"
             f" {q('pipeline_baseline_samples', INTEGER)} runs): z-score {{{{ $value | printf \"%.1f\" }}}}"
             f" in log space, over {_threshold_query(config, threshold, NUMBER)} for each of the runs the schedule"
-            f" requires."
+            f" requires{running_note if severity == 'high' else ''}."
         )
+        running = _running_too_long(config) if severity == "high" else ""
         alerts.append(_alert(config, "PipelineDurationAnomaly", severity,
-                             _by_class(config, slow) + "\n" + _latest_success_judged(config),
+                             _by_class(config, slow) + "\n" + _latest_success_judged(config) + running,
                              "A pipeline's recent runs were unusually slow.", description))
     return alerts
 

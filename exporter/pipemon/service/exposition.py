@@ -70,6 +70,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("pipeline_runs_in_progress", "gauge", "Runs started and not finished."),
     Family("pipeline_oldest_run_start_timestamp_seconds", "gauge", "Start of the oldest run in progress; 0 if"
            " none."),
+    Family("pipeline_oldest_run_baseline_seconds", "gauge", "Median duration of the runs the oldest run in"
+           " progress will be judged against (its seasonal slot); NaN if none."),
+    Family("pipeline_oldest_run_baseline_spread", "gauge", "Log-space σ of that baseline: its age's z-score is"
+           " ln(age / baseline) / spread; NaN if none."),
     Family("pipeline_last_failure_timestamp_seconds", "gauge", "When the latest failed run finished; 0 if"
            " never."),
     Family("pipeline_next_run_due_timestamp_seconds", "gauge", "When the next run is due: the schedule's next"
@@ -141,6 +145,7 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
     )
     judged = state.judgements()
     latest = judged.duration[0]
+    running = state.running_baseline()
     grace = (f"pipeline_schedule_grace_seconds{{{labels}}} {v(spec.schedule_grace_seconds)}\n"
              if spec.schedule else "")
     blocks = (
@@ -161,6 +166,8 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         f"pipeline_consecutive_failures{{{labels}}} {state.consecutive_failures}\n",
         f"pipeline_runs_in_progress{{{labels}}} {len(state.in_progress)}\n",
         f"pipeline_oldest_run_start_timestamp_seconds{{{labels}}} {v(state.oldest_start())}\n",
+        f"pipeline_oldest_run_baseline_seconds{{{labels}}} {v(running.expected)}\n",
+        f"pipeline_oldest_run_baseline_spread{{{labels}}} {v(running.spread)}\n",
         f"pipeline_last_failure_timestamp_seconds{{{labels}}} {v(state.last_failure_ts)}\n",
         f"pipeline_next_run_due_timestamp_seconds{{{labels}}} {v(state.next_run_due())}\n",
         grace,
