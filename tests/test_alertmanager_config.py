@@ -155,6 +155,8 @@ def test_inhibition_escalates_within_one_team_and_pipeline() -> None:
         'severity="medium"': ['severity=~"low"'],
         # one cause, one alert: what explains a low throughput holds it back
         'alertname=~"PipelineDurationAnomaly|PipelineVolumeLow"': ['alertname="PipelineThroughputDrop"'],
+        # a run in progress too slow by its age is what a stuck run is, told earlier
+        'alertname="PipelineDurationAnomaly"': ['alertname="PipelineRunStuck"'],
     }
     for rule in rules:
         assert rule["equal"] == ["team", "pipeline"]

@@ -102,6 +102,12 @@ def inhibit_rules() -> list[dict[str, Any]]:
         "target_matchers": ['alertname="PipelineThroughputDrop"'],
         "equal": ["team", "pipeline"],
     })
+    # ... and a run in progress that is already too slow by its age is also stuck once past max_runtime.
+    rules.append({
+        "source_matchers": ['alertname="PipelineDurationAnomaly"', 'pipeline!=""'],
+        "target_matchers": ['alertname="PipelineRunStuck"'],
+        "equal": ["team", "pipeline"],
+    })
     return rules
 
 
