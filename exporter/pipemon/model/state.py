@@ -215,14 +215,11 @@ class PipelineState:
         slots = {profile: slots_of(timestamps, profile) for profile in {d_profile, r_profile}}
         for index in range(len(timestamps) - 1, max(-1, len(timestamps) - 1 - count), -1):
             ts, d, r = timestamps[index], durations[index], records[index]
-            slow = judge(baseline_of(timestamps, durations, index, SPREAD_SAMPLES, d_profile, slots[d_profile]), d,
-                         log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS, size)
+            slow = self._judge_duration(timestamps, durations, index, d_profile, slots[d_profile], d)
             low = judge(baseline_of(timestamps, records, index, SPREAD_SAMPLES, r_profile, slots[r_profile]), r,
                         log_records, math.expm1, center_size=size)
             if hourly is not None:
-                # slow: only as slow as against the higher of the chosen profile's and the two-way (weekday +
-                # hour) reference; few records: against the chosen one (a drop at a peak hour is still a drop)
-                slow = temper(slow, d, hourly.highest_reference("duration", ts), log_duration, math.exp, +1)
+                # few records: against the chosen profile's reference (a drop at a peak hour is still a drop)
                 low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
             duration.append(slow)
             volume.append(low)
@@ -231,6 +228,18 @@ class PipelineState:
             volume += previous.records[:JUDGED_RUNS - 1]
         pad = [NO_JUDGEMENT] * (JUDGED_RUNS - len(duration))
         return RecentJudgements(tuple(duration + pad), tuple(volume + pad), d_profile, r_profile)
+
+    def _judge_duration(self, timestamps: Sequence[float], durations: Sequence[float], index: int, profile: str,
+                        slots: Sequence[int | None] | None, duration: float) -> Judgement:
+        """The duration of the run at `index` against the runs before it in its slot; with an hourly summary,
+        only as slow as against the higher of the chosen profile's and the two-way (weekday + hour) reference."""
+        judged = judge(baseline_of(timestamps, durations, index, SPREAD_SAMPLES, profile, slots), duration,
+                       log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS, self.baseline_size)
+        hourly = self.history.hourly
+        if hourly is not None:
+            judged = temper(judged, duration, hourly.highest_reference("duration", timestamps[index]), log_duration,
+                            math.exp, +1)
+        return judged
 
     def running_baseline(self) -> Judgement:
         """The baseline the oldest run in progress will be judged against when it succeeds (its seasonal slot's
@@ -252,13 +261,8 @@ class PipelineState:
         finish = started + (0.0 if math.isnan(typical) else typical)  # a run's slot is that of its finish
         timestamps = [*history.ordered("ts"), finish]
         durations = [*history.ordered("duration"), NAN]
-        values = baseline_of(timestamps, durations, len(timestamps) - 1, SPREAD_SAMPLES,
-                             history.profile("duration", log_duration))
-        judged = judge(values, 1.0, log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS, self.baseline_size)
-        if history.hourly is not None:
-            judged = temper(judged, 1.0, history.hourly.highest_reference("duration", finish), log_duration,
-                            math.exp, +1)
-        return judged
+        profile = history.profile("duration", log_duration)
+        return self._judge_duration(timestamps, durations, len(timestamps) - 1, profile, None, 1.0)
 
     def success_ratio(self, window: int) -> float:
         """The share of successes among the latest `window` runs (fewer if fewer ran); NaN if none."""

@@ -401,7 +401,10 @@ def _by_class(config: RulesConfig, condition: Callable[[ScheduleClass], str]) ->
             ranges[-1] = (text, ranges[-1][1], i)
         else:
             ranges.append((text, i, i))
-    parts = [f"(\n  {text}\n  {_in_classes(config, first, last)}\n)" for text, first, last in ranges]
+    # an empty condition: no branch for those classes ("" when no class has one)
+    parts = [f"(\n  {text}\n  {_in_classes(config, first, last)}\n)" for text, first, last in ranges if text]
+    if not parts:
+        return ""
     return "(\n" + f"\nor {ON}\n".join(parts) + "\n)"  # `and` binds tighter than `or`: guards go after
 
 
@@ -480,23 +483,16 @@ def _running_too_long(config: RulesConfig) -> str:
     """`or` the pipelines whose run in progress is already beyond the high thresholds by its age alone, judged
     against the baseline it will be judged against when it ends (ln(age / baseline) / spread), in the schedule
     classes where one slow run is enough for high: a slow daily run is known hours before it ends."""
-    ranges: list[list[int]] = []
-    for i, c in enumerate(config.schedule_classes):
-        if c.runs_high == 1:
-            if ranges and ranges[-1][1] == i - 1:
-                ranges[-1][1] = i
-            else:
-                ranges.append([i, i])
-    if not ranges:
-        return ""
     age = f"(time() - max {BY} ({_sel(config, 'pipeline_oldest_run_start_timestamp_seconds')} > 0))"
     ratio = f"({age} / {ON} {_gauge(config, 'pipeline_oldest_run_baseline_seconds')})"
     zscore = f"(ln{ratio} / {ON} {_gauge(config, 'pipeline_oldest_run_baseline_spread')})"
     slow = (f"{_compare(config, zscore, '>', 'duration_zscore_high')}\n  and {ON}\n"
             f"  {_compare(config, ratio, '>=', 'duration_ratio_high')}")
-    parts = [f"(\n  {slow}\n  {_in_classes(config, first, last)}\n)" for first, last in ranges]
+    branches = _by_class(config, lambda c: slow if c.runs_high == 1 else "")
+    if not branches:
+        return ""
     enough = _compare(config, _gauge(config, "pipeline_baseline_samples"), ">=", "min_baseline_samples")
-    return f"\nor {ON}\n(\n" + f"\nor {ON}\n".join(parts) + f"\n)\nand {ON}\n{enough}"
+    return f"\nor {ON}\n{branches}\nand {ON}\n{enough}"
 
 
 def duration_alerts(config: RulesConfig) -> list[dict[str, Any]]:
