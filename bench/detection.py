@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
@@ -51,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--days", type=float, default=28, help="simulated days, ending now")
     ap.add_argument("--warmup-days", type=float, default=14, help="days before incidents and evaluation")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--end", type=parse_end, help="when the simulated history ends: a Unix time or an ISO 8601"
+    ap.add_argument("--end", type=fleet.parse_end, help="when the simulated history ends: a Unix time or an ISO 8601"
                     " UTC time (default: now). The noise is drawn in time order, so a seed gives one result"
                     " only with a fixed end")
     ap.add_argument("--quick", action="store_true", help="20 pipelines, 10 days (7 warm-up)")
@@ -117,21 +116,6 @@ def evaluate_rules(rules: prom.RuleSet, om: Path, work: Path, levels: dict[int, 
             episodes += prom.evaluate_alert(server, rule, alert_start, end)
     phases.done("alerting rules", f"{len(rules.alerting)} rules, {len(episodes)} alert episodes")
     return episodes
-
-
-def parse_end(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a Unix time or an ISO 8601 time, got {text!r}") from exc
-    at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    if at.timestamp() > time.time():
-        raise argparse.ArgumentTypeError(f"{text!r} is in the future: the exporter refuses future events")
-    return at.timestamp()
 
 
 def main(argv: list[str] | None = None) -> int:

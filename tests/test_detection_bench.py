@@ -77,3 +77,28 @@ def check_replays(run_json: Path, run: dict) -> None:
 
     shorter = replay(run_json, "--keep-firing-for", "PipelineConsecutiveFailures=0s")
     assert shorter.returncode != 0 and "cannot undo" in shorter.stderr, shorter.stderr
+
+
+def run_offline(tmp_path: Path, name: str, config: Path) -> dict:
+    out_json = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(REPO / "bench" / "detection_offline.py"), "--seeds", "3", "--end", "1764000000",
+           "--pipelines", "8", "--days", "6", "--warmup-days", "3", "--incident-types", "volume_drop,zero_records",
+           "--per-type", "2", "--config", str(config), "--json", str(out_json)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| seed | false slow per pipeline-month |" in done.stdout
+    return json.loads(out_json.read_text())["3"]
+
+
+def test_the_offline_check_judges_with_the_config_it_is_given(tmp_path: Path) -> None:
+    """bench/detection_offline.py: the project's thresholds catch the volume drops and zero-record runs, the
+    same config with a volume threshold nothing reaches catches none (so the figures come from the config)."""
+    caught = run_offline(tmp_path, "tree", REPO / "rules" / "config.yaml")
+    assert caught["recall"]["volume_drop"] == [2, 2] and caught["recall"]["zero_records"] == [2, 2], caught
+    config = yaml.safe_load((REPO / "rules" / "config.yaml").read_text())
+    config["thresholds"].update(volume_zscore_high=1e9)
+    unreachable = tmp_path / "config.yaml"
+    unreachable.write_text(yaml.safe_dump(config))
+    missed = run_offline(tmp_path, "unreachable", unreachable)
+    assert missed["recall"]["volume_drop"] == [0, 2] and missed["recall"]["zero_records"] == [0, 2], missed
+    assert missed["false"]["volume_low"] == 0

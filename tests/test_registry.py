@@ -57,7 +57,8 @@ def test_threshold_names_are_the_documented_ones():
     assert THRESHOLD_NAMES == (
         "success_ratio_medium", "success_ratio_high", "duration_zscore_medium", "duration_zscore_high",
         "duration_ratio_min", "duration_ratio_high",
-        "throughput_ratio_high", "volume_zscore_high", "volume_ratio_high", "failed_runs_low",
+        "throughput_ratio_high", "throughput_zscore_high", "volume_zscore_high", "volume_ratio_high",
+        "failed_runs_low",
         "consecutive_failures_critical", "failing_seconds_critical", "min_runs", "min_baseline_samples",
         "stale_grace_factor")
 

@@ -4,6 +4,7 @@ import bisect
 import logging
 import math
 import random
+import statistics
 
 import msgspec
 import pytest
@@ -517,6 +518,37 @@ def test_the_published_recent_run_figures_are_the_least_unusual_of_the_latest_ru
     throughput = _samples(text, "pipeline_recent_runs_max_throughput_ratio")
     assert throughput["1"] == 0.0  # zero records
     assert math.isclose(throughput["2"], records[1].ratio / durations[1].ratio)
+    # records per second against the 40 runs before slow1, in log space: median of the latest 30, σ from the
+    # MAD of those or of all 40, the larger
+    logs = [math.log(r.records / r.duration) for r in runs[:40]]
+    center = statistics.median(logs[-30:])
+    spread = 1.4826 * max(statistics.median(abs(x - center) for x in logs[-30:]),
+                          statistics.median(abs(x - statistics.median(logs)) for x in logs))
+    throughput_z = _samples(text, "pipeline_recent_runs_max_throughput_zscore")
+    assert math.isclose(judged.throughput[1].zscore, (math.log(300 / 90) - center) / spread)
+    assert throughput_z["1"] < -100  # zero records: far below any real throughput, yet a number
+    assert math.isclose(throughput_z["2"], judged.throughput[1].zscore)
+
+
+def test_a_throughput_drop_is_judged_against_the_pipelines_own_throughput_noise():
+    """The same slow run (2.7 × the usual duration, 85% of the usual records: a third of the usual records per
+    second, beyond 2.5σ of the duration) on a pipeline whose records and durations vary by ~30% each, and on a
+    steady one: only the steady one's throughput is beyond 2.5σ of its own (the noisy one's records per second
+    vary more than its durations)."""
+    def pipeline(sigma: float, steady_records: bool) -> PipelineState:
+        rng = random.Random(11)
+        runs = [finish(f"r{i}", i * 3600, duration=60 * rng.lognormvariate(0, sigma),
+                       records=1000 if steady_records else round(1000 * rng.lognormvariate(0, sigma)))
+                for i in range(60)]
+        state, _ = apply_all([*runs, finish("slow", 60 * 3600, duration=60 * 2.7, records=850)])
+        return state
+
+    noisy, steady = pipeline(0.3, steady_records=False), pipeline(0.1, steady_records=True)
+    for state in (noisy, steady):  # what the alert asked before: half the throughput, slow beyond 2σ
+        judged = state.judgements()
+        assert judged.throughput_ratios()[0] < 0.5 and judged.duration[0].zscore > 2.5
+    assert noisy.judgements().throughput[0].zscore > -2.5
+    assert steady.judgements().throughput[0].zscore < -2.5
 
 
 def test_the_least_unusual_figure_leaves_out_unjudged_runs_as_promql_min_and_max_do():
@@ -529,7 +561,8 @@ def test_the_least_unusual_figure_leaves_out_unjudged_runs_as_promql_min_and_max
     assert math.isnan(least_unusual([nan, nan], lowest=True))
     # records per second over the baseline's is IEEE division: a zero duration ratio gives +inf (0 records: NaN)
     judged = RecentJudgements((Judgement(1, 0.0, 1, 10), Judgement(1, 0.0, 1, 10), NO_JUDGEMENT),
-                              (Judgement(1, 2.0, 1, 10), Judgement(1, 0.0, 1, 10), NO_JUDGEMENT), "none", "none")
+                              (Judgement(1, 2.0, 1, 10), Judgement(1, 0.0, 1, 10), NO_JUDGEMENT),
+                              (NO_JUDGEMENT,) * 3, "none", "none")
     ratios = judged.throughput_ratios()
     assert ratios[0] == math.inf and math.isnan(ratios[1]) and math.isnan(ratios[2])
 

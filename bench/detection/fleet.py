@@ -7,9 +7,12 @@ longer), on top of per-pipeline noise; weekly, hour-of-day, drift and holiday fa
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 MINUTE, HOUR, DAY, WEEK = 60.0, 3600.0, 86400.0, 7 * 86400.0
 CLASSES: dict[str, float] = {"5m": 300, "15m": 900, "30m": 1800, "1h": 3600, "6h": 21600, "1d": 86400}
@@ -102,6 +105,23 @@ class Fleet:
 
 
 # ---- the fleet ---------------------------------------------------------------------------------------
+
+
+def parse_end(text: str) -> float:
+    """`--end` of the benches: a Unix time or an ISO 8601 time (UTC unless it says), not in the future."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a Unix time or an ISO 8601 time, got {text!r}") from exc
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    if at.timestamp() > time.time():
+        raise argparse.ArgumentTypeError(f"{text!r} is in the future: the exporter refuses future events")
+    return at.timestamp()
+
 
 
 def make_pipelines(n: int, rng: random.Random) -> list[Pipeline]:

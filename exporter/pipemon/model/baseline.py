@@ -318,6 +318,11 @@ def log_records(records: float) -> float:
     return math.log1p(max(records, 0.0))
 
 
+def log_throughput(records_per_second: float) -> float:
+    # a zero-record run has no logarithm: far below any real throughput, without an infinity in the median
+    return math.log(max(records_per_second, 1e-9))
+
+
 def judge(values: Sequence[float], value: float, to_log: Callable[[float], float],
           from_log: Callable[[float], float], absolute_floor: float = 0.0, center_size: int = 0) -> Judgement:
     """Judge `value` against baseline `values` (raw, NaN-free, latest first) in log space: its centre is the

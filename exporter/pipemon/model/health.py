@@ -150,6 +150,7 @@ class HealthJudge:
         r_z, r_ratio = [r.zscore for r in judged.records], [r.ratio for r in judged.records]
         found = []
         if (highest(judged.throughput_ratios(), high) < t(state, "throughput_ratio_high")
+                and highest([j.zscore for j in judged.throughput], high) < -t(state, "throughput_zscore_high")
                 and lowest(d_z, high) > t(state, "duration_zscore_medium")):
             found.append(THROUGHPUT_DROP)
         if (highest(r_z, high) < -t(state, "volume_zscore_high")

@@ -44,6 +44,7 @@ class ThresholdOverrides(msgspec.Struct, forbid_unknown_fields=True, omit_defaul
     duration_ratio_min: Annotated[float, msgspec.Meta(ge=1)] | None = None
     duration_ratio_high: Annotated[float, msgspec.Meta(ge=1)] | None = None
     throughput_ratio_high: Ratio | None = None
+    throughput_zscore_high: PositiveFloat | None = None
     volume_zscore_high: PositiveFloat | None = None
     volume_ratio_high: Ratio | None = None
     failed_runs_low: Count | None = None

@@ -25,6 +25,7 @@ from pipemon.model.baseline import (
     judge,
     log_duration,
     log_records,
+    log_throughput,
     slots_of,
     temper,
 )
@@ -206,8 +207,10 @@ class PipelineState:
         durations, records = history.ordered("duration"), history.ordered("records")
         d_profile = history.profile("duration", log_duration)
         r_profile = history.profile("records", log_records)
+        throughputs = [_throughput_of(r, d) for d, r in zip(durations, records, strict=True)]
         duration: list[Judgement] = []
         volume: list[Judgement] = []
+        throughput: list[Judgement] = []
         count = JUDGED_RUNS
         if previous is not None and (previous.duration_profile, previous.records_profile) == (d_profile, r_profile):
             count = 1
@@ -223,11 +226,17 @@ class PipelineState:
                 low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
             duration.append(slow)
             volume.append(low)
+            # records per second against its own spread, flat: a slow run of a noisy job has a low throughput
+            # too, so its drop counts only when it is beyond the throughput's usual variation as well
+            throughput.append(judge(baseline_of(timestamps, throughputs, index, SPREAD_SAMPLES, "none"),
+                                    throughputs[index], log_throughput, math.exp, center_size=size))
         if count == 1 and previous is not None:
             duration += previous.duration[:JUDGED_RUNS - 1]
             volume += previous.records[:JUDGED_RUNS - 1]
+            throughput += previous.throughput[:JUDGED_RUNS - 1]
         pad = [NO_JUDGEMENT] * (JUDGED_RUNS - len(duration))
-        return RecentJudgements(tuple(duration + pad), tuple(volume + pad), d_profile, r_profile)
+        return RecentJudgements(tuple(duration + pad), tuple(volume + pad), tuple(throughput + pad), d_profile,
+                                r_profile)
 
     def _judge_duration(self, timestamps: Sequence[float], durations: Sequence[float], index: int, profile: str,
                         slots: Sequence[int | None] | None, duration: float) -> Judgement:
@@ -364,6 +373,7 @@ class RecentJudgements(msgspec.Struct, frozen=True):
 
     duration: tuple[Judgement, ...]
     records: tuple[Judgement, ...]
+    throughput: tuple[Judgement, ...]  # records per second against the runs before, without seasonality
     duration_profile: str
     records_profile: str
 
@@ -630,8 +640,15 @@ class Pipelines:
 def _throughput(records: int | None, duration: float | None) -> float:
     if records is None or duration is None:
         return NAN
+    return _throughput_of(float(records), duration)
+
+
+def _throughput_of(records: float, duration: float) -> float:
+    """Records per second of a run in the history (NaN: unknown records or duration)."""
+    if math.isnan(duration):
+        return NAN
     if duration > 0:
-        return records / duration
+        return records / duration  # NaN records stay NaN
     return 0.0 if records == 0 else NAN
 
 

@@ -560,11 +560,15 @@ def throughput_alerts(config: RulesConfig) -> list[dict[str, Any]]:
         # records/s against the baseline's (records ratio / duration ratio) low on each required run ...
         ratio = _compare(config, _recent_runs(config, 'pipeline_recent_runs_max_throughput_ratio', c.runs_high),
                          "<", "throughput_ratio_high")
+        # ... and beyond the pipeline's own spread of records per second: half the usual throughput is within
+        # the noise of some jobs ...
+        unusual = _compare(config, _recent_runs(config, 'pipeline_recent_runs_max_throughput_zscore', c.runs_high),
+                           "<", "throughput_zscore_high", negate=True)
         # ... and each of those runs slow beyond the medium z-score: a noisy job's quick run with few records, or
         # its slow run with many, is no drop in throughput
         slow = _compare(config, _recent_runs(config, 'pipeline_recent_runs_min_duration_zscore', c.runs_high),
                         ">", "duration_zscore_medium")
-        return f"{ratio}\n  and {ON}\n  {slow}"
+        return f"{ratio}\n  and {ON}\n  {unusual}\n  and {ON}\n  {slow}"
 
     description = (
         f"{{{{ $labels.pipeline }}}}: the latest run processed {q('pipeline_last_run_records', NUMBER)} records in"

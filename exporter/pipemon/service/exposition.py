@@ -94,6 +94,8 @@ FAMILIES: tuple[Family, ...] = (
            " among the latest `runs` successful runs."),
     Family("pipeline_recent_runs_max_throughput_ratio", "gauge", "Highest records per second over the"
            " baseline's (records ratio over duration ratio) among the latest `runs` successful runs."),
+    Family("pipeline_recent_runs_max_throughput_zscore", "gauge", "Highest robust log-space z-score of the"
+           " records per second of the latest `runs` successful runs, each against the runs before it."),
     Family("pipeline_duration_baseline_seconds", "gauge", "Median duration the latest successful run was"
            " judged against (of its seasonal slot)."),
     Family("pipeline_records_baseline", "gauge", "Median records the latest successful run was judged"
@@ -182,6 +184,8 @@ def pipeline_blocks(state: PipelineState) -> tuple[bytes, ...]:
         _recent_runs("pipeline_recent_runs_max_records_ratio", labels, [j.ratio for j in judged.records],
                      HIGH_CONFIRM_RUNS, lowest=False),
         _recent_runs("pipeline_recent_runs_max_throughput_ratio", labels, judged.throughput_ratios(),
+                     HIGH_CONFIRM_RUNS, lowest=False),
+        _recent_runs("pipeline_recent_runs_max_throughput_zscore", labels, [j.zscore for j in judged.throughput],
                      HIGH_CONFIRM_RUNS, lowest=False),
         f"pipeline_duration_baseline_seconds{{{labels}}} {v(latest.expected)}\n",
         f"pipeline_records_baseline{{{labels}}} {v(judged.records[0].expected)}\n",
