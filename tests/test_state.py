@@ -588,3 +588,76 @@ def test_a_run_in_progress_has_the_baseline_it_will_be_judged_against_when_it_su
     judged = state.judgements().duration[0]
     assert math.isclose(running.expected, judged.expected) and math.isclose(running.spread, judged.spread)
     assert math.isclose(judged.zscore, math.log(typical / running.expected) / running.spread)
+
+
+def _loads(n: int, every: float, idle, seed: int = 3) -> list[Finish]:
+    """`n` successful runs `every` seconds: a real load (~1000 records, ~60 s) or, where idle(i, at), a quick
+    no-op with zero records."""
+    rng = random.Random(seed)
+    runs = []
+    for i in range(n):
+        at = 1_700_000_000 + i * every
+        if idle(i, at):
+            runs.append(finish(f"r{i}", at, duration=6 * rng.lognormvariate(0, 0.1), records=0))
+        else:
+            runs.append(finish(f"r{i}", at, duration=60 * rng.lognormvariate(0, 0.2),
+                               records=round(1000 * rng.lognormvariate(0, 0.1))))
+    return runs
+
+
+def test_idle_runs_of_a_pipeline_that_often_has_nothing_to_load_are_no_news():
+    """One run in ten loads nothing (at random) and is quick: such a run gets no volume verdict and is judged
+    for duration against the other idle runs, a real load against real loads, and a real drop is still one."""
+    history = _loads(300, 300, lambda i, at: i % 10 == 3)
+    end = history[-1].finished_at
+    idle, _ = apply_all([*history, finish("idle", end + 300, duration=6.0, records=0)])
+    judged = idle.judgements()
+    assert math.isnan(judged.records[0].zscore) and math.isnan(judged.throughput[0].zscore)
+    assert abs(judged.duration[0].zscore) < 1 and judged.duration[0].expected < 10
+    slow_idle, _ = apply_all([*history, finish("slow idle", end + 300, duration=60.0, records=0)])
+    assert slow_idle.judgements().duration[0].zscore == 0.0  # a no-op is never slow
+    busy, _ = apply_all([*history, finish("busy", end + 300, duration=60.0, records=1000)])
+    assert abs(busy.judgements().records[0].zscore) < 1 and abs(busy.judgements().duration[0].zscore) < 1
+    drop, _ = apply_all([*history, finish("drop", end + 300, duration=60.0, records=150)])
+    assert drop.judgements().records[0].zscore < -3
+
+
+@pytest.mark.parametrize(("every", "pattern", "allowed"), [
+    (10, (3,), 4),  # one idle run in ten, one at a time: chance makes 3 in a row of 300 runs; one more is allowed
+    (50, (3, 4, 5, 6, 7), 6),  # as many, five in a row every 50 runs: its longest streak plus one
+])
+def test_a_pipeline_idle_for_longer_than_it_ever_was_is_told(every, pattern, allowed):
+    """Zero-record runs in a row are no news up to one more than the longest streak before them, or than chance
+    makes of the pipeline's share of them over its history; the next one is judged against the real loads."""
+    history = _loads(300, 300, lambda i, at: i % every in pattern)
+    end = history[-1].finished_at
+    zeros = [finish(f"z{k}", end + 300 * (k + 1), duration=6.0, records=0) for k in range(allowed + 1)]
+    state, _ = apply_all([*history, *zeros[:allowed]])
+    assert math.isnan(state.judgements().records[0].zscore)
+    state, _ = apply_all([*history, *zeros])
+    assert state.judgements().records[0].zscore < -3
+
+
+def test_one_earlier_zero_record_incident_does_not_make_zero_records_usual():
+    """A daily pipeline that had one bad streak of two zero-record runs: that is one incident, not a habit,
+    and its next zero-record run is judged as the first one was."""
+    history = _loads(40, 86400, lambda i, at: i in (20, 21))
+    state, _ = apply_all([*history, finish("zero", history[-1].finished_at + 86400, duration=6.0, records=0)])
+    assert state.judgements().records[0].zscore < -3
+
+
+def test_a_pipeline_idle_at_night_is_not_idle_at_noon():
+    """An hourly load with nothing to do from 00:00 to 06:00: a zero-record run at night is no news, one in the
+    afternoon is (its hour of the day never idled)."""
+    history = _loads(330, 3600, lambda i, at: (at % 86400) / 3600 < 6)
+    end = history[-1].finished_at  # 15:13 UTC
+
+    def zero_at(hour: int) -> float:
+        at = end + 3600
+        while int((at % 86400) // 3600) != hour:
+            at += 3600
+        state, _ = apply_all([*history, finish("zero", at, duration=6.0, records=0)])
+        return state.judgements().records[0].zscore
+
+    assert math.isnan(zero_at(3))
+    assert zero_at(17) < -3

@@ -47,6 +47,11 @@ class Pipeline:
     retries: bool
     grace: float  # schedule grace written to the registry
     max_runtime: float = 0.0  # set from the simulated history (an honest operator's setting)
+    # Idle runs (a benign trap): an incremental load with nothing new finishes quickly with 0 records, at random
+    # (this share of runs) or, for `idle_at_night`, most runs between 00:00 and 06:00. Set apart from the other
+    # draws (simulate_fleet), so the fleet's other runs, incidents and traps are those of the same seed without.
+    idle_share: float = 0.0
+    idle_at_night: bool = False
 
     def cron(self) -> str:
         dow = "1-5" if self.weekdays_only else "*"
@@ -123,7 +128,6 @@ def parse_end(text: str) -> float:
     return at.timestamp()
 
 
-
 def make_pipelines(n: int, rng: random.Random) -> list[Pipeline]:
     return [_pipeline(i, rng) for i in range(n)]
 
@@ -192,8 +196,9 @@ class _Plan:
 
 class _History:
     def __init__(self, p: Pipeline, fleet_start: float, rng: random.Random, holiday: tuple[float, float] | None,
-                 holiday_teams: tuple[str, ...]) -> None:
+                 holiday_teams: tuple[str, ...], idle_rng: random.Random | None = None) -> None:
         self.p, self.rng, self.fleet_start = p, rng, fleet_start
+        self.idle_rng = idle_rng or random.Random(0)  # its own stream: idle runs draw nothing from `rng`
         self.holiday = holiday if p.team in holiday_teams else None
         self.runs: list[Run] = []
         self.traps: list[Label] = []
@@ -219,6 +224,12 @@ class _History:
         records = None if p.base_records is None else round(p.base_records * v * math.exp(rng.gauss(0, 0.03)))
         return Run(p.name, run_id, start, start + duration, True, records)
 
+    def is_idle(self, due: float) -> bool:
+        p = self.p
+        if p.idle_at_night:
+            return _hour(due) < 6 and self.idle_rng.random() < 0.8
+        return self.idle_rng.random() < p.idle_share
+
     def failed(self, run: Run, tag: str) -> Run:
         run.end = run.start + (run.end - run.start) * self.rng.uniform(0.05, 0.9)
         run.success, run.records, run.tag = False, None, tag
@@ -227,8 +238,9 @@ class _History:
 
 def simulate_pipeline(p: Pipeline, plan: _Plan, start: float, end: float, rng: random.Random,
                       holiday: tuple[float, float] | None, holiday_teams: tuple[str, ...],
-                      eval_start: float) -> tuple[list[Run], list[Label], list[Label]]:
-    h = _History(p, start, rng, holiday, holiday_teams)
+                      eval_start: float, idle_rng: random.Random | None = None
+                      ) -> tuple[list[Run], list[Label], list[Label]]:
+    h = _History(p, start, rng, holiday, holiday_teams, idle_rng)
     dues = due_times(p, start, end)
     incidents: list[Label] = []
     k = 0
@@ -268,6 +280,11 @@ def _regular_run(h: _History, plan: _Plan, dues: list[float], k: int, eval_start
     if k in plan.slow_once:
         run.tag = "slow_once"
         h.traps.append(Label(p.name, "slow_once", run.start, run.end, p.interval))
+    elif (p.idle_share or p.idle_at_night) and not quiet and h.is_idle(due):
+        run.end = run.start + (run.end - run.start) * h.idle_rng.uniform(0.1, 0.3)
+        run.records, run.tag = 0, "idle"
+        if due >= eval_start:
+            h.traps.append(Label(p.name, "idle_run", run.start, run.end, p.interval))
     if not quiet and rng.random() < p.fail_rate:
         h.failed(run, "transient")
         h.runs.append(run)
@@ -441,6 +458,7 @@ def simulate_fleet(n_pipelines: int, days: float, warmup_days: float, seed: int,
     plans = plan_fleet(pipelines, types, per_type, start, end, eval_start, rng)
     holiday, holiday_teams = _holiday(eval_start, end, rng)
     _set_max_runtimes(pipelines, start, end, seed)
+    _set_idle(pipelines, plans, random.Random(f"{seed}/idle"))
     runs, incidents, traps = [], [], []
     for p in pipelines:
         plan = plans[p.name]
@@ -454,7 +472,8 @@ def simulate_fleet(n_pipelines: int, days: float, warmup_days: float, seed: int,
                   and not any(abs(d - dues[j]) < 2 * DAY for j in plan.incidents)]
             plan.backfill_after = rng.choice(ks) if ks else None
         p_runs, p_incidents, p_traps = simulate_pipeline(p, plan, start, end, random.Random(f"{seed}/{p.name}"),
-                                                         holiday, holiday_teams, eval_start)
+                                                         holiday, holiday_teams, eval_start,
+                                                         random.Random(f"{seed}/{p.name}/idle"))
         runs += p_runs
         incidents += p_incidents
         traps += p_traps
@@ -463,6 +482,20 @@ def simulate_fleet(n_pipelines: int, days: float, warmup_days: float, seed: int,
         if holiday and p.team in holiday_teams:
             traps.append(Label(p.name, "holiday", holiday[0], holiday[1], p.interval, "volume x0.6"))
     return Fleet(pipelines, runs, incidents, traps, start, end, eval_start, holiday, holiday_teams)
+
+
+def _set_idle(pipelines: list[Pipeline], plans: dict[str, _Plan], rng: random.Random) -> None:
+    """A quarter of the pipelines that report records and have no records incident get idle runs: 3–12% of
+    their runs at random, or (pipelines running at least hourly, half of them) most runs of the night. Zero
+    records are then usual for them, and no incident of theirs depends on records."""
+    for p in pipelines:
+        records_incident = any(kind in RECORDS_INCIDENTS for kind, _, _ in plans[p.name].incidents.values())
+        if p.base_records is None or records_incident or rng.random() >= 0.25:
+            continue
+        if p.interval <= HOUR and rng.random() < 0.5:
+            p.idle_at_night = True
+        else:
+            p.idle_share = rng.uniform(0.03, 0.12)
 
 
 def _holiday(eval_start: float, end: float, rng: random.Random) -> tuple[tuple[float, float] | None, tuple[str, ...]]:

@@ -142,7 +142,7 @@ def _incident_result(i: int, inc: Label, episodes: list[Episode], notes: list[No
 
 # When several traps overlap a false alert, the most specific one explains it (a 5m pipeline has several late
 # starts a day: they would otherwise take the blame for everything).
-TRAP_PRIORITY = ("transient_failure", "failure_retried", "slow_once", "backfill", "level_shift", "holiday",
+TRAP_PRIORITY = ("transient_failure", "failure_retried", "slow_once", "backfill", "idle_run", "level_shift", "holiday",
                  "late_start")
 
 

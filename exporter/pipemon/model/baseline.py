@@ -32,6 +32,8 @@ MAD_TO_SIGMA = 1.4826  # MAD × this estimates σ for normal data (here: log-nor
 MIN_RELATIVE_SPREAD = 0.05  # σ never below 5% of the value: a perfectly steady job does not alert on jitter
 MIN_DURATION_SPREAD_SECONDS = 1.0  # ... nor below 1 s of duration
 SLOT_SAMPLES = 6  # a seasonal slot needs this many runs before it is used
+IDLE_MIN_STREAKS = 3  # zero-record runs are usual for a pipeline when this many separate streaks of them ...
+IDLE_MIN_SHARE = 0.02  # ... make at least this share of its runs (nothing new to load); one streak is an incident
 SPREAD_SAMPLES = 100  # a baseline's spread is taken over up to this many runs of its slot
 SEASONAL_GAIN = 0.75  # a profile is used when it shrinks the spread to at most this share of the flat one,
 OUTLIER_SHARE = 0.02  # ... or when at least this share of runs are outliers and it explains half of them
@@ -316,6 +318,50 @@ def log_duration(seconds: float) -> float:
 
 def log_records(records: float) -> float:
     return math.log1p(max(records, 0.0))
+
+
+def idle_runs_before(records: Sequence[float], index: int,
+                     slots: Sequence[int | None] | None = None) -> tuple[bool, int]:
+    """Whether zero-record ("idle") runs are usual before position `index`: IDLE_MIN_STREAKS streaks of them,
+    at least IDLE_MIN_SHARE of the runs with known records, unless the run's seasonal slot (with `slots`) has none
+    where that share would have put three (a pipeline idle at night is not idle at noon); and the longest
+    streak of idle runs in a row that is still no news: one more than the longest before it, or than chance
+    makes of that share over as many runs (idling at random 8% of the time gives three in a row every few
+    hundred runs). Both leave out the idle runs just before it: a streak is no evidence for itself."""
+    slot = slots[index] if slots is not None else None
+    zeros = known = slot_zeros = slot_known = longest = streak = streaks = 0
+    for i in range(index - idle_streak(records, index - 1)):
+        value = records[i]
+        if math.isnan(value):
+            continue
+        known += 1
+        zeros += value == 0
+        streak = streak + 1 if value == 0 else 0
+        streaks += streak == 1
+        longest = max(longest, streak)
+        if slot is not None and slots[i] == slot:
+            slot_known += 1
+            slot_zeros += value == 0
+    usual = streaks >= IDLE_MIN_STREAKS and zeros >= IDLE_MIN_SHARE * known
+    if not usual or (slot_zeros == 0 and zeros / known * slot_known >= 3):
+        return False, 0
+    share = zeros / known
+    by_chance = math.ceil(math.log(known) / -math.log(share)) if share < 1 else known
+    return True, max(longest, by_chance) + 1
+
+
+def idle_streak(records: Sequence[float], index: int) -> int:
+    """Zero-record runs in a row ending at position `index` (0 for index -1)."""
+    streak = 0
+    while index - streak >= 0 and records[index - streak] == 0:
+        streak += 1
+    return streak
+
+
+def same_kind(values: Sequence[float], records: Sequence[float], idle: bool) -> list[float]:
+    """`values` of the runs that are idle (zero records) or not, as `idle` says; NaN for the others, which
+    baseline_of skips: a quick no-op is no baseline for a real load, nor the other way round."""
+    return [value if (records[i] == 0) == idle else NAN for i, value in enumerate(values)]
 
 
 def log_throughput(records_per_second: float) -> float:

@@ -7,6 +7,7 @@ storage rebuild the state after a restart by replaying its log on top of the las
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -22,10 +23,13 @@ from pipemon.model.baseline import (
     Judgement,
     RunHistory,
     baseline_of,
+    idle_runs_before,
+    idle_streak,
     judge,
     log_duration,
     log_records,
     log_throughput,
+    same_kind,
     slots_of,
     temper,
 )
@@ -218,9 +222,21 @@ class PipelineState:
         slots = {profile: slots_of(timestamps, profile) for profile in {d_profile, r_profile}}
         for index in range(len(timestamps) - 1, max(-1, len(timestamps) - 1 - count), -1):
             ts, d, r = timestamps[index], durations[index], records[index]
-            slow = self._judge_duration(timestamps, durations, index, d_profile, slots[d_profile], d)
-            low = judge(baseline_of(timestamps, records, index, SPREAD_SAMPLES, r_profile, slots[r_profile]), r,
-                        log_records, math.expm1, center_size=size)
+            d_base, r_base, t_base = durations, records, throughputs
+            idle_usual, idle_allowed = idle_runs_before(records, index, slots[r_profile])
+            idle = idle_usual and r == 0
+            if idle_usual:
+                # a pipeline that often has nothing to load: its idle runs and its real loads are judged
+                # apart, and an idle run's few records are no news unless it idles longer than allowed
+                d_base = same_kind(durations, records, idle)
+                r_base, t_base = same_kind(records, records, False), same_kind(throughputs, records, False)
+                if idle and idle_streak(records, index) <= idle_allowed:
+                    r_base = t_base = []
+            slow = self._judge_duration(timestamps, d_base, index, d_profile, slots[d_profile], d, not idle)
+            if idle:  # a no-op is never "slow" (its time follows the source's size, not its health)
+                slow = dataclasses.replace(slow, zscore=min(slow.zscore, 0.0), ratio=min(slow.ratio, 1.0))
+            low = judge(baseline_of(timestamps, r_base, index, SPREAD_SAMPLES, r_profile, slots[r_profile]) if r_base
+                        else [], r, log_records, math.expm1, center_size=size)
             if hourly is not None:
                 # few records: against the chosen profile's reference (a drop at a peak hour is still a drop)
                 low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
@@ -228,7 +244,7 @@ class PipelineState:
             volume.append(low)
             # records per second against its own spread, flat: a slow run of a noisy job has a low throughput
             # too, so its drop counts only when it is beyond the throughput's usual variation as well
-            throughput.append(judge(baseline_of(timestamps, throughputs, index, SPREAD_SAMPLES, "none"),
+            throughput.append(judge(baseline_of(timestamps, t_base, index, SPREAD_SAMPLES, "none") if t_base else [],
                                     throughputs[index], log_throughput, math.exp, center_size=size))
         if count == 1 and previous is not None:
             duration += previous.duration[:JUDGED_RUNS - 1]
@@ -239,13 +255,14 @@ class PipelineState:
                                 r_profile)
 
     def _judge_duration(self, timestamps: Sequence[float], durations: Sequence[float], index: int, profile: str,
-                        slots: Sequence[int | None] | None, duration: float) -> Judgement:
-        """The duration of the run at `index` against the runs before it in its slot; with an hourly summary,
-        only as slow as against the higher of the chosen profile's and the two-way (weekday + hour) reference."""
+                        slots: Sequence[int | None] | None, duration: float, summarised: bool = True) -> Judgement:
+        """The duration of the run at `index` against the runs before it in its slot; with an hourly summary
+        (`summarised`: the run is of the kind the summary holds, not an idle one), only as slow as against the
+        higher of the chosen profile's and the two-way (weekday + hour) reference."""
         judged = judge(baseline_of(timestamps, durations, index, SPREAD_SAMPLES, profile, slots), duration,
                        log_duration, math.exp, MIN_DURATION_SPREAD_SECONDS, self.baseline_size)
         hourly = self.history.hourly
-        if hourly is not None:
+        if hourly is not None and summarised:
             judged = temper(judged, duration, hourly.highest_reference("duration", timestamps[index]), log_duration,
                             math.exp, +1)
         return judged
@@ -269,7 +286,9 @@ class PipelineState:
         typical = self.judgements().duration[0].expected
         finish = started + (0.0 if math.isnan(typical) else typical)  # a run's slot is that of its finish
         timestamps = [*history.ordered("ts"), finish]
-        durations = [*history.ordered("duration"), NAN]
+        durations, records = [*history.ordered("duration"), NAN], [*history.ordered("records"), NAN]
+        if idle_runs_before(records, len(records) - 1)[0]:
+            durations = same_kind(durations, records, idle=False)  # a run in progress is taken for a real load
         profile = history.profile("duration", log_duration)
         return self._judge_duration(timestamps, durations, len(timestamps) - 1, profile, None, 1.0)
 
