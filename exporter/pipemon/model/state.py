@@ -206,7 +206,7 @@ class PipelineState:
         return self._judged[1]
 
     def _judge_recent(self, previous: RecentJudgements | None) -> RecentJudgements:
-        history, size = self.history, self.baseline_size
+        history = self.history
         timestamps = history.ordered("ts")
         durations, records = history.ordered("duration"), history.ordered("records")
         d_profile = history.profile("duration", log_duration)
@@ -218,34 +218,13 @@ class PipelineState:
         count = JUDGED_RUNS
         if previous is not None and (previous.duration_profile, previous.records_profile) == (d_profile, r_profile):
             count = 1
-        hourly = history.hourly
         slots = {profile: slots_of(timestamps, profile) for profile in {d_profile, r_profile}}
+        runs = _Runs(timestamps, durations, records, throughputs)
         for index in range(len(timestamps) - 1, max(-1, len(timestamps) - 1 - count), -1):
-            ts, d, r = timestamps[index], durations[index], records[index]
-            d_base, r_base, t_base = durations, records, throughputs
-            idle_usual, idle_allowed = idle_runs_before(records, index, slots[r_profile])
-            idle = idle_usual and r == 0
-            if idle_usual:
-                # a pipeline that often has nothing to load: its idle runs and its real loads are judged
-                # apart, and an idle run's few records are no news unless it idles longer than allowed
-                d_base = same_kind(durations, records, idle)
-                r_base, t_base = same_kind(records, records, False), same_kind(throughputs, records, False)
-                if idle and idle_streak(records, index) <= idle_allowed:
-                    r_base = t_base = []
-            slow = self._judge_duration(timestamps, d_base, index, d_profile, slots[d_profile], d, not idle)
-            if idle:  # a no-op is never "slow" (its time follows the source's size, not its health)
-                slow = dataclasses.replace(slow, zscore=min(slow.zscore, 0.0), ratio=min(slow.ratio, 1.0))
-            low = judge(baseline_of(timestamps, r_base, index, SPREAD_SAMPLES, r_profile, slots[r_profile]) if r_base
-                        else [], r, log_records, math.expm1, center_size=size)
-            if hourly is not None:
-                # few records: against the chosen profile's reference (a drop at a peak hour is still a drop)
-                low = temper(low, r, hourly.reference("records", ts), log_records, math.expm1, -1)
+            slow, low, rate = self._judge_run(runs, index, (d_profile, slots[d_profile]), (r_profile, slots[r_profile]))
             duration.append(slow)
             volume.append(low)
-            # records per second against its own spread, flat: a slow run of a noisy job has a low throughput
-            # too, so its drop counts only when it is beyond the throughput's usual variation as well
-            throughput.append(judge(baseline_of(timestamps, t_base, index, SPREAD_SAMPLES, "none") if t_base else [],
-                                    throughputs[index], log_throughput, math.exp, center_size=size))
+            throughput.append(rate)
         if count == 1 and previous is not None:
             duration += previous.duration[:JUDGED_RUNS - 1]
             volume += previous.records[:JUDGED_RUNS - 1]
@@ -253,6 +232,27 @@ class PipelineState:
         pad = [NO_JUDGEMENT] * (JUDGED_RUNS - len(duration))
         return RecentJudgements(tuple(duration + pad), tuple(volume + pad), tuple(throughput + pad), d_profile,
                                 r_profile)
+
+    def _judge_run(self, runs: _Runs, index: int, d_profile: tuple[str, Sequence[int | None]],
+                   r_profile: tuple[str, Sequence[int | None]]) -> tuple[Judgement, Judgement, Judgement]:
+        """The run at `index`: its duration, records and records per second against the runs before it."""
+        ts, d, r, size = runs.timestamps[index], runs.durations[index], runs.records[index], self.baseline_size
+        base = _Bases.of(runs.durations, runs.records, runs.throughputs, index, r_profile[1])
+        slow = self._judge_duration(runs.timestamps, base.durations, index, *d_profile, d, not base.idle)
+        if base.idle:  # a no-op is never "slow" (its time follows the source's size, not its health)
+            slow = dataclasses.replace(slow, zscore=min(slow.zscore, 0.0), ratio=min(slow.ratio, 1.0))
+        low = NO_JUDGEMENT if base.records is None else judge(
+            baseline_of(runs.timestamps, base.records, index, SPREAD_SAMPLES, *r_profile), r, log_records,
+            math.expm1, center_size=size)
+        if self.history.hourly is not None:
+            # few records: against the chosen profile's reference (a drop at a peak hour is still a drop)
+            low = temper(low, r, self.history.hourly.reference("records", ts), log_records, math.expm1, -1)
+        # records per second against its own spread, flat: a slow run of a noisy job has a low throughput too,
+        # so its drop counts only when it is beyond the throughput's usual variation as well
+        rate = NO_JUDGEMENT if base.throughputs is None else judge(
+            baseline_of(runs.timestamps, base.throughputs, index, SPREAD_SAMPLES, "none"), runs.throughputs[index],
+            log_throughput, math.exp, center_size=size)
+        return slow, low, rate
 
     def _judge_duration(self, timestamps: Sequence[float], durations: Sequence[float], index: int, profile: str,
                         slots: Sequence[int | None] | None, duration: float, summarised: bool = True) -> Judgement:
@@ -385,6 +385,40 @@ def _rows_of_old_ring(snap: Snapshot) -> list[tuple[float, float, float]]:
     """A checkpoint from before the detection rework: (duration, throughput) samples without times."""
     samples = [*snap.ring, *([snap.pending] if snap.pending else [])]
     return [(NAN, d, t * d if not math.isnan(t) else NAN) for d, t in samples]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Runs:
+    """A pipeline's successful runs in order, one column a field (as RunHistory.ordered gives them)."""
+
+    timestamps: Sequence[float]
+    durations: Sequence[float]
+    records: Sequence[float]
+    throughputs: Sequence[float]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Bases:
+    """The values one run is judged against (NaN: left out; None: no verdict)."""
+
+    durations: Sequence[float]
+    records: Sequence[float] | None
+    throughputs: Sequence[float] | None
+    idle: bool  # a zero-record run of a pipeline that often has nothing to load
+
+    @classmethod
+    def of(cls, durations: Sequence[float], records: Sequence[float], throughputs: Sequence[float], index: int,
+           slots: Sequence[int | None]) -> _Bases:
+        """Every run before it; for a pipeline that often has nothing to load, its idle runs and its real loads
+        apart, and an idle run's few records are no news unless it idles longer in a row than allowed."""
+        usual, allowed = idle_runs_before(records, index, slots)
+        if not usual:
+            return cls(durations, records, throughputs, idle=False)
+        idle = records[index] == 0
+        if idle and idle_streak(records, index) <= allowed:
+            return cls(same_kind(durations, records, True), None, None, idle=True)
+        return cls(same_kind(durations, records, idle), same_kind(records, records, False),
+                   same_kind(throughputs, records, False), idle)
 
 
 class RecentJudgements(msgspec.Struct, frozen=True):
