@@ -44,10 +44,8 @@ def judged_runs(sim: fleet.Fleet, registry: Registry, judge: health.HealthJudge)
         return registry.lookup(name) or registry.default_spec(name)
 
     pipelines = Pipelines()
-    events = sorted([(run.start, 0, run) for run in sim.runs] + [(run.end, 1, run) for run in sim.runs],
-                    key=lambda e: (e[0], e[1]))
     found = []
-    for _, finished, run in events:
+    for _, finished, run in feed.event_stream(sim):
         if not finished:
             pipelines.apply(Start(run.pipeline, run.run_id, run.start), spec_for)
             continue
