@@ -68,8 +68,13 @@ def score(sim: fleet.Fleet, found: list[tuple[str, float, str]]) -> tuple[Counte
         if not owners:
             false[condition] += 1
         detected.update(id(i) for i in owners if condition in DETECTS.get(i.kind, ()))
-    recall = {kind: (sum(id(i) in detected for i in sim.incidents if i.kind == kind),
-                     sum(i.kind == kind for i in sim.incidents)) for kind in DETECTS}
+    idle = {p.name for p in sim.pipelines if p.has_idle_runs}
+    recall = {}
+    for kind in DETECTS:
+        for column, incidents in ((kind, [i for i in sim.incidents if i.kind == kind]),
+                                  (f"{kind}, idle pipeline", [i for i in sim.incidents
+                                                              if i.kind == kind and i.pipeline in idle])):
+            recall[column] = (sum(id(i) in detected for i in incidents), len(incidents))
     return false, recall
 
 
@@ -89,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     judge = health.HealthJudge(load_config(args.config), str(args.config))
     types = tuple(args.incident_types.split(","))
     print(f"config: {args.config}; {args.pipelines} pipelines, {args.days:g} days ({args.warmup_days:g} warm-up)")
+    recall_columns = [c for kind in DETECTS for c in (kind, f"{kind}, idle pipeline")]
     print(f"| seed | {' | '.join(f'false {c} per pipeline-month' for c in CONDITIONS)} | "
-          f"{' | '.join(DETECTS)} |")
-    print(f"|---|{'---|' * (len(CONDITIONS) + len(DETECTS))}")
+          f"{' | '.join(recall_columns)} |")
+    print(f"|---|{'---|' * (len(CONDITIONS) + len(recall_columns))}")
     results = {}
     for seed in args.seeds:
         sim = fleet.simulate_fleet(args.pipelines, args.days, args.warmup_days, seed, args.end, types, args.per_type)

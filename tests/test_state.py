@@ -661,3 +661,42 @@ def test_a_pipeline_idle_at_night_is_not_idle_at_noon():
 
     assert math.isnan(zero_at(3))
     assert zero_at(17) < -3
+
+
+def test_the_no_ops_of_the_night_do_not_hide_the_afternoon_peak_of_the_loads():
+    """An hourly weekday load starting at :58, idle in 70% of its night runs, whose runs take up to twice as
+    long around 14:00: its daily rhythm is learned from the real loads. With the quick no-ops among them no
+    profile explains enough of its runs (and 06:00 holds too few finishes to judge hour by hour: the no-ops of
+    05:58 finish before it), so its usual afternoon peak was slow (z 2.8); a run 4x the peak still is."""
+    rng = random.Random(5)
+
+    def hour(at: float) -> float:
+        return (at % 86400) / 3600
+
+    def weekday(at: float) -> bool:
+        return (at // 86400 + 3) % 7 < 5  # 1970-01-01 was a Thursday
+
+    def peak(at: float) -> float:
+        return 1 + 0.9 * math.exp(-((hour(at) - 14) / 2) ** 2)
+
+    start, history = 1_700_000_000 - 1_700_000_000 % 3600 - 120, []
+    while len(history) < 336:
+        start += 3600
+        if not weekday(start):
+            continue
+        if hour(start) < 6 and rng.random() < 0.7:
+            duration, records = 6 * rng.lognormvariate(0, 0.1), 0
+        else:
+            duration = 150 * peak(start) * rng.lognormvariate(0, 0.08)
+            records = round(1000 * rng.lognormvariate(0, 0.1))
+        history.append(finish(f"r{len(history)}", start + duration, duration=duration, records=records))
+    start += 3600
+    while not (weekday(start) and 14 <= hour(start) < 15):
+        start += 3600
+
+    def zscore(duration: float) -> float:
+        state, _ = apply_all([*history, finish("now", start + duration, duration=duration, records=1000)])
+        return state.judgements().duration[0].zscore
+
+    assert abs(zscore(150 * peak(start))) < 1.5
+    assert zscore(600 * peak(start)) > 3

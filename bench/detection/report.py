@@ -6,7 +6,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from detection.fleet import DAY, HOUR, Fleet, Label, Pipeline, _hour, _weekday
+from detection.fleet import DAY, HOUR, RECORDS_INCIDENTS, Fleet, Label, Pipeline, _hour, _weekday
 from detection.notify import Notification
 from detection.prom import Episode
 
@@ -71,6 +71,7 @@ class IncidentResult:
     reminders: int  # of those, re-sent only because repeat_interval passed
     resolved_notifications: int
     linger: float | None
+    on_idle_pipeline: bool = False  # its pipeline has idle runs (zero records are usual for it)
 
 
 @dataclass
@@ -93,6 +94,8 @@ def score(fleet: Fleet, episodes: list[Episode], notes: list[Notification],
     counted = [ep for ep in episodes if ep.start >= fleet.eval_start]
     pipelines = {p.name: p for p in fleet.pipelines}
     results = [_incident_result(i, inc, counted, notes, expected, fleet.end) for i, inc in enumerate(fleet.incidents)]
+    for r in results:
+        r.on_idle_pipeline = pipelines[r.label.pipeline].has_idle_runs
     false = [ep for ep in counted if ep.incident is None and ep.pipeline is not None]
     months = len(fleet.pipelines) * (fleet.end - fleet.eval_start) / MONTH
     class_months = Counter()
@@ -190,7 +193,9 @@ def incident_table(report: Report, types: list[str]) -> list[str]:
              " notifications median / max | of them reminders median / max | resolved notif. median |"
              " linger min median / max | linger > allowed |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = [(t, [r for r in report.incidents if r.label.kind == t]) for t in types] + [("all", report.incidents)]
+    rows = [(t, [r for r in report.incidents if r.label.kind == t]) for t in types]
+    rows += [(f"{t}, idle pipeline", [r for r in rs if r.on_idle_pipeline]) for t, rs in rows if t in RECORDS_INCIDENTS]
+    rows.append(("all", report.incidents))
     for kind, rs in rows:
         if not rs:
             continue
@@ -282,7 +287,8 @@ def to_json(report: Report) -> dict:
                        "end": r.label.end, "interval": r.label.interval, "detail": r.label.detail,
                        "detected": r.detected, "any_alert": r.any_alert, "delay_seconds": r.delay,
                        "alerts": r.alerts, "notifications": r.notifications, "reminders": r.reminders,
-                       "resolved_notifications": r.resolved_notifications, "linger_seconds": r.linger}
+                       "resolved_notifications": r.resolved_notifications, "linger_seconds": r.linger,
+                       "on_idle_pipeline": r.on_idle_pipeline}
                       for r in report.incidents],
         "pipeline_months": report.pipeline_months,
         "false_alerts": [{"alert": a, "severity": s, "count": n} for (a, s), n in report.false_by_alert.items()],

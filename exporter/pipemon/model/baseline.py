@@ -226,13 +226,14 @@ class HourlySummary:
 class RunHistory:
     """A fixed-size ring of recent successful runs: finish time, duration, records (NaN: unknown)."""
 
-    __slots__ = ("appended", "capacity", "columns", "hourly", "profiles", "start")
+    __slots__ = ("appended", "capacity", "columns", "hourly", "loads", "profiles", "start")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.columns = {"ts": array("d"), "duration": array("d"), "records": array("d")}
         self.start = 0  # index of the oldest sample once the ring is full
         self.appended = 0  # samples ever appended (in this process)
+        self.loads = 0  # runs in the ring that loaded records (> 0): zero-record ones are then no-ops
         self.profiles: dict[str, tuple[str, int]] = {}  # column -> (seasonal profile, `appended` when chosen)
         self.hourly: HourlySummary | None = None  # for pipelines that run about hourly or more often
 
@@ -244,10 +245,12 @@ class RunHistory:
         if summarise:
             self._summarise(ts, duration, records)
         row = {"ts": ts, "duration": duration, "records": records}
+        self.loads += records > 0
         if len(self) < self.capacity:
             for name, column in self.columns.items():
                 column.append(row[name])
             return
+        self.loads -= self.columns["records"][self.start] > 0
         for name, column in self.columns.items():
             column[self.start] = row[name]
         self.start = (self.start + 1) % self.capacity
@@ -260,7 +263,9 @@ class RunHistory:
             if math.isnan(earliest) or ts - earliest >= HOURLY_MIN_SPAN:
                 return
             self.hourly = HourlySummary()
-        self.hourly.add(ts, {"duration": log_duration(duration),
+        # a no-op's quick duration says nothing of how long the hour's loads take (its zero records do count)
+        no_op = records == 0 and self.loads > 0
+        self.hourly.add(ts, {"duration": NAN if no_op else log_duration(duration),
                              "records": NAN if math.isnan(records) else log_records(records)})
 
     def ordered(self, name: str) -> list[float]:
@@ -290,10 +295,15 @@ class RunHistory:
         return self.hourly.open_rows() if self.hourly is not None else []
 
     def profile(self, name: str, to_log: Callable[[float], float]) -> str:
-        """The seasonal profile of a column, chosen again every PROFILE_EVERY new runs."""
+        """The seasonal profile of a column, chosen again every PROFILE_EVERY new runs; the durations' from the runs
+        that loaded something when some did (no-ops at night would hide the daytime peak of the loads), the
+        records' from all (when a pipeline idles is part of its records' rhythm)."""
         chosen = self.profiles.get(name)
         if chosen is None or self.appended - chosen[1] >= PROFILE_EVERY:
-            chosen = (choose_profile(self.ordered("ts"), self.ordered(name), to_log), self.appended)
+            values = self.ordered(name)
+            if name == "duration" and self.loads:
+                values = [NAN if r == 0 else v for v, r in zip(values, self.ordered("records"), strict=True)]
+            chosen = (choose_profile(self.ordered("ts"), values, to_log), self.appended)
             self.profiles[name] = chosen
         return chosen[0]
 
