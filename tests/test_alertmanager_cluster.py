@@ -1,5 +1,6 @@
 """End to end with the real Alertmanager: two clustered instances, alerts posted to both like Prometheus
-does, notifications caught by the pipemon sink. Short intervals: group_wait 1s, group_interval 2s, repeat 1h."""
+does, notifications caught by the pipemon sink. Short intervals: group_wait 1s, group_interval 2s, repeat 1h,
+and the held alerts' group_interval 8s."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ PEER_TIMEOUT = 1.0  # seconds the second instance waits for the first one's noti
 DELIVERY = 10.0  # the longest a first delivery may take (group_wait 1s, then at most one peer timeout)
 # After the first delivery, a duplicate from the other instance would come within one peer timeout.
 QUIET = 2 * PEER_TIMEOUT + 1.0
+HELD = 8.0  # group_interval of the held alerts (1h in production)
 
 
 @dataclass
@@ -78,6 +80,11 @@ def alert(alertname: str, severity: str, pipeline: str | None = None, team: str 
     }
 
 
+def resolved(firing: dict[str, Any]) -> dict[str, Any]:
+    """The alert as Prometheus sends it once its condition no longer holds: ended now."""
+    return firing | {"endsAt": datetime.now(UTC).isoformat()}
+
+
 def post_alerts(instances: list[Instance], alerts: list[dict[str, Any]]) -> None:
     """POST /api/v2/alerts to every live instance, as Prometheus does with all its Alertmanagers."""
     body = json.dumps(alerts).encode()
@@ -119,7 +126,8 @@ def am_cluster(workdir: Path, sink: Sink, name: str, size: int = 2) -> Iterator[
     binary = require_binary("prometheus-alertmanager")
     config = workdir / f"{name}.yml"
     rendered = render_alertmanager_config(load_registry(REPO / "pipelines.yaml"), sink_url=sink.url,
-                                          group_wait="1s", group_interval="2s", repeat_interval="1h")
+                                          group_wait="1s", group_interval="2s", repeat_interval="1h",
+                                          held_group_interval=f"{HELD:g}s")
     config.write_text(dump_config(rendered, "pipelines.yaml"))
     web = [free_port() for _ in range(size)]
     gossip = [f"127.0.0.1:{free_port()}" for _ in range(size)]
@@ -168,6 +176,28 @@ def test_the_same_alert_within_the_repeat_interval_is_delivered_once(sink: Sink,
     time.sleep(2.0 + QUIET)  # the next group interval's flush, and the other instance's
     [notification] = sink.for_pipeline("repeat_pipeline")
     assert notification["receiver"] == "analytics-slack"
+
+
+def test_a_rate_alert_that_resolves_and_fires_again_within_its_hold_is_notified_once(
+        sink: Sink, cluster: list[Instance]) -> None:
+    def degraded() -> dict[str, Any]:
+        return alert("PipelineSuccessRateLow", "medium", "flapping_pipeline", "analytics")
+
+    post_alerts(cluster, [firing := degraded()])
+    wait_until(lambda: sink.for_pipeline("flapping_pipeline"), DELIVERY, "the first notification")
+    first = time.monotonic()
+    for _ in range(2):  # a success between two failures resolves it; the next failure fires it again
+        time.sleep(1.0)
+        post_alerts(cluster, [resolved(firing)])
+        time.sleep(1.0)
+        post_alerts(cluster, [firing := degraded()])
+    time.sleep(max(0.0, first + HELD + QUIET - time.monotonic()))  # past the group's next flush
+    [notification] = sink.for_pipeline("flapping_pipeline")
+    assert notification["status"] == "firing"
+    post_alerts(cluster, [resolved(firing)])  # the degradation is over: its resolve is sent at the next flush
+    wait_until(lambda: len(sink.for_pipeline("flapping_pipeline")) == 2, HELD + DELIVERY, "the resolved one")
+    time.sleep(QUIET)
+    assert [n["status"] for n in sink.for_pipeline("flapping_pipeline")] == ["firing", "resolved"]
 
 
 def test_critical_silences_medium_of_the_same_pipeline_only(sink: Sink, cluster: list[Instance]) -> None:

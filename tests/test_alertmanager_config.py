@@ -11,6 +11,7 @@ import yaml
 from pipemon.cli import main
 from pipemon.model.registry import UNOWNED_TEAM, load_registry, parse_registry
 from pipemon.render.alertmanager import (
+    HELD_ALERTS,
     SEVERITIES,
     dump_config,
     prometheus_alerting_config,
@@ -141,9 +142,44 @@ def test_dedup_and_repeat_intervals() -> None:
     route = render_alertmanager_config(load_registry(REGISTRY))["route"]
     assert route["group_by"] == ["alertname", "team", "pipeline"]
     assert (route["group_wait"], route["group_interval"], route["repeat_interval"]) == ("30s", "5m", "1h")
-    for team_route in route["routes"]:
+    team_routes = [r for r in route["routes"] if r["matchers"][0].startswith("team=")]
+    assert len(team_routes) == len(EXAMPLE_TEAMS)
+    for team_route in team_routes:
         info = [r for r in team_route["routes"] if r["receiver"].endswith("-info")]
         assert [r["repeat_interval"] for r in info] == ["24h"]
+
+
+def held_routes(node: dict) -> list[dict]:
+    """Every route of the tree that matches the held alerts only."""
+    own = [node] if any("PipelineSuccessRateLow" in m for m in node.get("matchers", [])) else []
+    return own + [r for child in node.get("routes", []) for r in held_routes(child)]
+
+
+def test_rate_alerts_are_held_for_an_hour_and_reminded_hourly_for_every_team_and_unowned() -> None:
+    held = held_routes(render_alertmanager_config(load_registry(REGISTRY))["route"])
+    assert len(held) == 2 * len(EXAMPLE_TEAMS) + 1  # pager and slack of each team, and the default receiver
+    for route in held:
+        assert route["matchers"] == [f'alertname=~"{"|".join(HELD_ALERTS)}"']
+        assert route["group_by"] == ["alertname", "team", "pipeline", "severity"]
+        assert (route["group_interval"], route["repeat_interval"]) == ("1h", "59m")
+
+
+@pytest.mark.parametrize(("alertname", "severity", "team", "expected"), [
+    ("PipelineSuccessRateLow", "medium", "finance", "finance-slack"),
+    ("PipelineSuccessRateLow", "high", "analytics", "analytics-slack"),
+    ("PipelineConsecutiveFailures", "critical", "data-eng", "data-eng-pager"),
+    ("PipelineConsecutiveFailures", "critical", UNOWNED_TEAM, "default"),
+])
+def test_held_alerts_still_reach_the_receiver_of_their_team_and_severity(
+        alertname: str, severity: str, team: str, expected: str) -> None:
+    result = route_test(expected, alertname=alertname, severity=severity, team=team, pipeline="p")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_held_alerts_are_alerts_of_the_rule_files() -> None:
+    rules = yaml.safe_load((REPO / "rules" / "pipemon.alerts.yml").read_text())
+    names = {rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
+    assert set(HELD_ALERTS) <= names
 
 
 def test_inhibition_escalates_within_one_team_and_pipeline() -> None:
@@ -227,3 +263,11 @@ def test_committed_prometheus_snippet_lists_both_instances() -> None:
 def test_bad_interval_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render-alertmanager", f"--registry={REGISTRY}", "--out=-", "--group-wait=soon"]) == 1
     assert "duration" in capsys.readouterr().err
+
+
+def test_a_held_interval_longer_than_the_cooldown_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["render-alertmanager", f"--registry={REGISTRY}", "--out=-", "--repeat-interval=1h"]
+    assert main([*argv, "--held-group-interval=2h"]) == 1
+    err = capsys.readouterr().err
+    assert "held group interval 2h: must be more than 0s and at most the repeat interval (1h)" in err
+    assert main([*argv, "--held-group-interval=1h"]) == 0
