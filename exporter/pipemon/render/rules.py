@@ -105,7 +105,6 @@ class RulesConfig(msgspec.Struct, forbid_unknown_fields=True):
     dashboard_windows: Annotated[list[Duration], msgspec.Meta(min_length=1)]
     schedule_classes: Annotated[list[ScheduleClass], msgspec.Meta(min_length=1)]
     finished_run_window: Duration
-    recent_failure_window: Duration
     events_rejected: EventsRejected
     thresholds: dict[str, float]
     for_: ForDurations = msgspec.field(name="for")
@@ -415,19 +414,25 @@ def _recent_runs(config: RulesConfig, metric: str, runs: int) -> str:
     return f"{aggregate} {BY} ({_sel(config, metric)[:-1]},runs=\"{runs}\"}})"
 
 
-def _finished_run(config: RulesConfig) -> str:
-    """The latest run finished within the finished-run window, or within one expected interval less
-    keep_firing_for (and the evaluation lag) when that is shorter: alerts about a run fire once and resolve by
-    the time the next run is due (at least two evaluation intervals and a minute, so that an evaluation
-    sees it)."""
-    window = _num(parse_duration(config.finished_run_window))
+def _until_next_run(config: RulesConfig, timestamp: str, longest: str | None = None) -> str:
+    """`timestamp` is within one expected interval less keep_firing_for and the evaluation lag (at most
+    `longest`): an alert on it is over by the time the next run is due (at least two evaluation intervals and
+    a minute, so that an evaluation sees it)."""
     # less keep_firing_for and two evaluation intervals: the scrape and the evaluation that see the run
     evaluation = parse_duration(config.evaluation_interval)
     keep = _num(parse_duration(config.keep_firing_for) + 2 * evaluation)
     shortest = _num(max(2 * evaluation, 60.0))  # a scrape and an evaluation must still see the run
-    interval = _gauge(config, "pipeline_expected_interval_seconds")
-    return (f"and {ON}\n(time() - {_gauge(config, 'pipeline_last_run_timestamp_seconds')})"
-            f" < {ON} clamp({interval} - {keep}, {shortest}, {window})")
+    window = f"{_gauge(config, 'pipeline_expected_interval_seconds')} - {keep}"
+    window = f"clamp({window}, {shortest}, {longest})" if longest else f"clamp_min({window}, {shortest})"
+    return f"and {ON}\n(time() - {_gauge(config, timestamp)}) < {ON} {window}"
+
+
+def _finished_run(config: RulesConfig) -> str:
+    """The latest run finished within the finished-run window, or within one expected interval less
+    keep_firing_for when that is shorter: alerts about a run fire once and resolve by the time the next run is
+    due."""
+    window = _num(parse_duration(config.finished_run_window))
+    return _until_next_run(config, "pipeline_last_run_timestamp_seconds", window)
 
 
 def _latest_success_judged(config: RulesConfig) -> str:
@@ -447,14 +452,11 @@ def success_rate_alerts(config: RulesConfig) -> list[dict[str, Any]]:
         _template_query(f'{ratio}{{pipeline=%q,team=%q,job="{config.job}",runs="{n}"}}', PERCENT)
         + f" of the latest {n}" for n in windows
     )
-    interval = _gauge(config, "pipeline_expected_interval_seconds")
-    recent = _num(parse_duration(config.recent_failure_window))
     runs = f"sum {BY} ({_sel(config, 'pipeline_runs_total')})"
-    guards = (
-        f"\nand {ON}\n{_compare(config, runs, '>=', 'min_runs')}"
-        f"\nand {ON}\n(time() - {_gauge(config, 'pipeline_last_failure_timestamp_seconds')})"
-        f" < {ON} clamp_min({interval}, {recent})"
-    )
+    # and a run failed recently: resolved by the time the next run is due after the failures stop (between
+    # two failures of a degradation as well: Alertmanager holds this alert's notifications for an hour)
+    guards = (f"\nand {ON}\n{_compare(config, runs, '>=', 'min_runs')}\n"
+              + _until_next_run(config, "pipeline_last_failure_timestamp_seconds"))
     alerts = []
     for severity in ("medium", "high"):
         threshold = f"success_ratio_{severity}"
