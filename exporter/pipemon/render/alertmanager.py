@@ -7,10 +7,10 @@ exporter-level alerts without a team, goes to the catch-all `default` receiver. 
 only the paths of the files that hold them (`api_url_file`, `routing_key_file`); Alertmanager reads them.
 
 Alerts about a failure rate (`HELD_ALERTS`) may resolve and fire again several times during one degradation
-(a success between two failures clears them, by design: they resolve one expected interval after the failures
-stop). Their own groups (`held_routes`) flush only every `held_group_interval` (1h): a resolve and a new firing
-between two flushes send nothing, so a flapping degradation posts once an hour at most, and its resolved
-notification comes up to an hour late.
+(a success between two failures clears them, by design: they resolve by the time the next run is due after
+the failures stop). Their own groups (`held_routes`) flush only every `held_group_interval` (1h): a resolve
+and a new firing between two flushes send nothing, so a flapping degradation posts once an hour at most, and
+its resolved notification comes up to an hour late.
 
 With `--sink-url` every receiver becomes a plain webhook to that URL (local stack and end-to-end tests).
 """
